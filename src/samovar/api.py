@@ -1,0 +1,104 @@
+"""The Python API: `load` and `generate`, and `LLM`, which ties model, tokenizer and Engine together.
+
+    model, tokenizer = samovar.load("runs/shakespeare")
+    print(samovar.generate(model, tokenizer, "ROMEO:", max_tokens=200, temperature=0.8, top_k=50))
+
+    llm = samovar.LLM.from_path("runs/shakespeare")
+    for piece in llm.stream("ROMEO:", max_tokens=200):
+        print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import ModelConfig
+from .engine import Engine, GenerationError, SamplingParams
+from .model import Transformer
+from .runtime import resolve_device, resolve_dtype
+from .tokenizer import Tokenizer
+
+
+def load(path: str | Path, device: str = "auto", dtype: str = "auto") -> tuple[Transformer, Tokenizer]:
+    """(model, tokenizer) from a checkpoint folder or a run folder (its latest checkpoint), in eval mode."""
+    folder = ckpt.resolve_checkpoint(path)
+    cfg = ModelConfig.load(folder / "config.json")
+    dev = resolve_device(device)
+    model = Transformer(cfg)
+    ckpt.load_state_into(model, ckpt.load_weights(folder), str(folder))
+    model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval()
+    tokenizer = Tokenizer.load(folder / "tokenizer.json")
+    return model, tokenizer
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """The prompt's ids; an empty prompt starts from bos (or eos, the document separator)."""
+    if prompt:
+        return tokenizer.encode(prompt)
+    start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    if start is None:
+        raise GenerationError("the prompt is empty and the tokenizer has no bos or eos token to start from")
+    return [start]
+
+
+def stream_text(tokenizer: Tokenizer, ids: Iterator[int]) -> Iterator[str]:
+    """Text pieces from a stream of ids, holding back bytes that do not yet form a whole character."""
+    out: list[int] = []
+    sent = ""
+    for i in ids:
+        out.append(i)
+        text = tokenizer.decode(out)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence (byte-level BPE): wait for more
+            continue
+        if len(text) > len(sent):
+            yield text[len(sent):]
+            sent = text
+    text = tokenizer.decode(out)
+    if len(text) > len(sent):
+        yield text[len(sent):]
+
+
+def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_tokens: int = 256,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None, ignore_eos: bool = False, stream: bool = False):
+    """The continuation of `prompt` as text, or an iterator of text pieces when stream=True.
+    Temperature 0 is greedy; generation stops at the eos token unless ignore_eos is set."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, ignore_eos=ignore_eos)
+    params.validate()
+    ids = prompt_ids(tokenizer, prompt)
+    stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    token_stream = Engine(model).generate(ids, params, stop_ids=stop)
+    pieces = stream_text(tokenizer, token_stream)
+    if stream:
+        return pieces
+    return "".join(pieces)
+
+
+class LLM:
+    """A model with its tokenizer, ready to generate."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_path(cls, path: str | Path, device: str = "auto", dtype: str = "auto") -> "LLM":
+        return cls(*load(path, device, dtype))
+
+    def generate(self, prompt: str, **kwargs) -> str:
+        return generate(self.model, self.tokenizer, prompt, stream=False, **kwargs)
+
+    def stream(self, prompt: str, **kwargs) -> Iterator[str]:
+        return generate(self.model, self.tokenizer, prompt, stream=True, **kwargs)
+
+    def save(self, folder: str | Path) -> Path:
+        return ckpt.save_checkpoint(folder, self.model, self.tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device

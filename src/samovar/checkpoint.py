@@ -1,0 +1,174 @@
+"""Checkpoints: folders of safetensors + JSON, written atomically, never pickled.
+
+    RUN/                          a training run
+      config.json                 ModelConfig
+      train_config.json           TrainConfig
+      tokenizer.json
+      metrics.csv, loss.png
+      checkpoints/step-000500/    one complete checkpoint, renamed into place when fully written
+        model.safetensors  config.json  tokenizer.json  trainer_state.json  optimizer.pt
+
+A checkpoint folder is first written as `checkpoints/.tmp-*`, flushed to disk, then renamed: a crash
+at any moment leaves either the old set of checkpoints or the new one, never half a folder.
+`optimizer.pt` holds tensors, numbers and dicts only and is read back with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+WEIGHTS = "model.safetensors"
+CHECKPOINTS = "checkpoints"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to a temp file beside `path`, flush it to disk, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 is for secrets; these are ordinary files
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors for safetensors: contiguous, and a tied lm_head stored once (as tok_emb)."""
+    tied = getattr(model.config, "tie_embeddings", False)
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()
+            if not (tied and k == "lm_head.weight")}
+
+
+def save_checkpoint(folder: str | Path, model, tokenizer, trainer_state: dict | None = None,
+                    optimizer_state: dict | None = None) -> Path:
+    """Write a complete checkpoint folder at `folder`, atomically replacing any older one there."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-"))
+    try:
+        tmp.chmod(0o777 & ~_umask())
+        save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        if tokenizer is not None:
+            (tmp / "tokenizer.json").write_text(tokenizer.hf.to_str(pretty=True))
+        if trainer_state is not None:
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if folder.exists():
+            old = folder.with_name(f".old-{folder.name}-{os.getpid()}")
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        _fsync_dir(folder.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def list_checkpoints(run: str | Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first (temp folders of a crashed save are ignored)."""
+    root = Path(run) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / WEIGHTS).exists()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from either itself or a run folder (then its latest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if (path / WEIGHTS).exists():
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise CheckpointError(f"{path} holds no checkpoint ({WEIGHTS} or {CHECKPOINTS}/step-*)")
+    return found[-1]
+
+
+def load_weights(folder: str | Path, device="cpu") -> dict[str, torch.Tensor]:
+    file = Path(folder) / WEIGHTS
+    try:
+        return load_file(str(file), device=str(device))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"cannot read weights {file}: {str(e).splitlines()[0]}") from None
+
+
+def load_state_into(model, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    tied = model.config.tie_embeddings
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        what = (f"missing {', '.join(missing[:5])}" if missing else "") + \
+               (f" unexpected {', '.join(unexpected[:5])}" if unexpected else "")
+        raise CheckpointError(f"{source} does not match the model config: {what.strip()}")
+
+
+def load_optimizer_state(folder: str | Path) -> dict | None:
+    file = Path(folder) / "optimizer.pt"
+    if not file.exists():
+        return None
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise CheckpointError(f"cannot read optimizer state {file}: {str(e).splitlines()[0]}") from None
+
+
+def read_json(file: str | Path, what: str) -> dict:
+    try:
+        return json.loads(Path(file).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} {file} is missing") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {what} {file}: {e}") from None

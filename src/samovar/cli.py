@@ -1,0 +1,286 @@
+"""The `samovar` command: each subcommand is a few lines over api.py, data.py and train.py.
+
+    samovar presets
+    samovar prepare INPUT... --tokenizer {char,word,bpe} [--vocab-size N] --out DIR
+    samovar train --preset P --data DIR --out RUN [--config FILE] [--set key=value ...] [--resume RUN]
+    samovar generate RUN --prompt TEXT [--max-tokens N --temperature T --top-k K --top-p P --seed S]
+    samovar demo [--minutes M]
+
+Errors a user can cause print one line, `samovar: error: ...`, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .config import PRESETS, ConfigError, ModelConfig, format_count, get_preset, parse_field_value
+from .train import TrainConfig
+
+MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
+TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
+FILE_KEYS = {"preset", "data", "out"}
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .demo import DemoError
+    from .engine import GenerationError
+    from .runtime import RuntimeConfigError
+    from .tokenizer import TokenizerError
+    from .train import TrainingError
+
+    return (ConfigError, DataError, TokenizerError, CheckpointError, GenerationError,
+            RuntimeConfigError, TrainingError, DemoError, FileNotFoundError, PermissionError)
+
+
+# ---- presets -----------------------------------------------------------------------------------------
+def cmd_presets(args) -> None:
+    print(f"{'preset':<16} {'family':<10} {'params':>9}  {'layers':>6} {'width':>6} {'heads':>7} "
+          f"{'context':>8} {'vocab':>7}  parts")
+    for name, cfg in PRESETS.items():
+        heads = f"{cfg.n_head}/{cfg.kv_heads}" if cfg.kv_heads != cfg.n_head else str(cfg.n_head)
+        parts = f"{cfg.norm_placement}-{cfg.norm}, {cfg.position}, {cfg.mlp}" + \
+                (", tied" if cfg.tie_embeddings else "")
+        print(f"{name:<16} {cfg.family:<10} {format_count(cfg.num_params()):>9}  {cfg.n_layer:>6} "
+              f"{cfg.n_embd:>6} {heads:>7} {cfg.context_len:>8} {cfg.vocab_size:>7}  {parts}")
+
+
+# ---- prepare -----------------------------------------------------------------------------------------
+def cmd_prepare(args) -> None:
+    from .data import prepare
+
+    specials = () if args.no_special_tokens else None
+    kwargs = {} if specials is None else {"special_tokens": specials}
+    meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                   val_fraction=args.val_fraction, context_len=args.context_len, **kwargs)
+    print(f"{meta['tokenizer']} tokenizer, vocabulary {meta['vocab_size']}: "
+          f"{meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({meta['dtype']}) "
+          f"from {len(meta['sources'])} file(s) -> {args.out}")
+
+
+# ---- train -------------------------------------------------------------------------------------------
+def read_config_file(path: str) -> dict:
+    """A flat TOML or YAML mapping (sections [model] and [train] are merged in)."""
+    file = Path(path)
+    if not file.exists():
+        raise ConfigError(f"config file {file} does not exist")
+    text = file.read_text(encoding="utf-8")
+    if file.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError("YAML configs need PyYAML: pip install pyyaml (or use TOML)") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"cannot parse {file}: {str(e).splitlines()[0]}") from None
+    else:
+        import tomllib
+
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"cannot parse {file}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file} must hold a mapping of keys to values")
+    flat = {}
+    for key, value in raw.items():
+        if key in ("model", "train") and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def parse_sets(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set takes key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def build_configs(preset: str | None, file_values: dict, sets: dict,
+                  data_vocab: int | None) -> tuple[ModelConfig, TrainConfig]:
+    """ModelConfig and TrainConfig from a preset, then the config file, then --set (last wins)."""
+    values = {**file_values, **sets}
+    preset = values.pop("preset", None) or preset
+    values.pop("data", None)
+    values.pop("out", None)
+    if preset is None:
+        raise ConfigError("no model: give --preset NAME (see `samovar presets`) or preset = ... in --config")
+    model_cfg = get_preset(preset)
+    model_changes, train_changes = {}, {}
+    for key, value in values.items():
+        if key in MODEL_KEYS:
+            model_changes[key] = parse_field_value(ModelConfig, key, value)
+        elif key in TRAIN_KEYS:
+            train_changes[key] = parse_field_value(TrainConfig, key, value)
+        else:
+            raise ConfigError(f"unknown key {key!r}: not a field of ModelConfig or TrainConfig")
+    if "vocab_size" not in model_changes and data_vocab is not None:
+        model_changes["vocab_size"] = data_vocab  # the preset's shape, the data's vocabulary
+    return model_cfg.replace(**model_changes), TrainConfig(**train_changes)
+
+
+def cmd_train(args) -> None:
+    from .data import TokenData
+    from .train import Trainer
+
+    file_values = read_config_file(args.config) if args.config else {}
+    out = args.resume or args.out or file_values.get("out")
+    data = args.data or file_values.get("data")
+    if out is None:
+        raise ConfigError("no run folder: give --out RUN (or --resume RUN)")
+    if data is None and args.resume:
+        data = json.loads((Path(args.resume) / "train_config.json").read_text()).get("data")
+    if data is None:
+        raise ConfigError("no data: give --data DIR (a folder made by `samovar prepare`)")
+    vocab = TokenData.open(data).meta.get("vocab_size")
+    model_cfg, train_cfg = build_configs(args.preset, file_values, parse_sets(args.set), vocab)
+    trainer = Trainer(model_cfg, train_cfg, data, out, resume=bool(args.resume))
+    print(f"model {format_count(trainer.model.num_params())} parameters on {trainer.device} "
+          f"({str(trainer.dtype).removeprefix('torch.')}); run folder {out}"
+          + (f", resuming at step {trainer.step}" if args.resume else ""))
+    result = trainer.train()
+    print(f"done: step {result['step']} ({result['stop_reason']}), val loss {result.get('val_loss', 0):.4f}, "
+          f"best {result['best_val_loss']:.4f}, {result['tokens_seen']:,} tokens in {result['elapsed_s']:.0f}s")
+
+
+# ---- generate ----------------------------------------------------------------------------------------
+def cmd_generate(args) -> None:
+    from .api import generate, load
+
+    model, tokenizer = load(args.run, device=args.device, dtype=args.dtype)
+    kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
+    if args.stream:
+        sys.stdout.write(args.prompt)
+        for piece in generate(model, tokenizer, args.prompt, stream=True, **kwargs):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        print(args.prompt + generate(model, tokenizer, args.prompt, **kwargs))
+
+
+# ---- demo --------------------------------------------------------------------------------------------
+def cmd_demo(args) -> None:
+    from .api import generate, load
+    from .data import prepare
+    from .demo import shakespeare_corpus
+    from .train import Trainer
+
+    if args.minutes <= 0:
+        raise ConfigError(f"--minutes must be positive, got {args.minutes}")
+    out = Path(args.out)
+    t0 = time.time()
+    plays = shakespeare_corpus()
+    print(f"corpus: {len(list(plays.glob('*.txt')))} plays in {plays}")
+    meta = prepare([plays], out / "data", tokenizer="char")
+    print(f"prepared {meta['train_tokens']:,} train / {meta['val_tokens']:,} val characters "
+          f"({meta['vocab_size']} symbols) in {time.time() - t0:.0f}s")
+    run = out / "run"
+    shutil.rmtree(run, ignore_errors=True)  # the demo's own previous run
+    model_cfg = get_preset(args.preset).replace(vocab_size=meta["vocab_size"])
+    train_cfg = TrainConfig(batch_size=32, max_steps=100_000, max_seconds=args.minutes * 60, lr=2e-3,
+                            warmup_steps=50, eval_interval=200, eval_steps=10, log_interval=20,
+                            device=args.device, keep_last=1)
+    trainer = Trainer(model_cfg, train_cfg, out / "data", run)
+    print(f"training {args.preset} ({format_count(trainer.model.num_params())} parameters) "
+          f"for {args.minutes:g} minutes on {trainer.device} ...")
+    result = trainer.train()
+    print(f"trained {result['step']} steps, val loss {result['val_loss']:.3f}; "
+          f"run folder {run} (try: samovar generate {run} --prompt 'ROMEO.' --stream)\n")
+    model, tokenizer = load(run, device=args.device)
+    print("-" * 72)
+    print(args.prompt + generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens,
+                                 temperature=0.8, top_k=40, seed=0))
+    print("-" * 72)
+
+
+# ---- wiring ------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="samovar", description="Brew your own language model from scratch.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("presets", help="list the model presets with their parameter counts")
+    s.set_defaults(func=cmd_presets)
+
+    s = sub.add_parser("prepare", help="tokenize text files into train.bin / val.bin")
+    s.add_argument("inputs", nargs="+", help="text files, folders of them, or JSONL files")
+    s.add_argument("--tokenizer", default="char",
+                   help="char, word or bpe (trained on the inputs), or a path to a tokenizer.json")
+    s.add_argument("--vocab-size", type=int, default=None, help="vocabulary size for word and bpe")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--val-fraction", type=float, default=0.1, help="share of tokens held out (the tail)")
+    s.add_argument("--context-len", type=int, default=None, help="fail unless each split holds a context")
+    s.add_argument("--no-special-tokens", action="store_true", help="no bos/eos/pad (a pure char vocabulary)")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("train", help="train a model on prepared data")
+    s.add_argument("--preset", help="a model preset (see `samovar presets`)")
+    s.add_argument("--data", help="a folder made by `samovar prepare`")
+    s.add_argument("--out", help="the run folder to write")
+    s.add_argument("--config", help="a TOML or YAML file of settings (preset, data, out, fields)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any ModelConfig or TrainConfig field, e.g. --set n_layer=4 --set lr=3e-4")
+    s.add_argument("--resume", metavar="RUN", help="continue RUN from its latest complete checkpoint")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("generate", help="generate text from a trained run")
+    s.add_argument("run", help="a run folder or a checkpoint folder")
+    s.add_argument("--prompt", default="", help="the text to continue")
+    s.add_argument("--max-tokens", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    s.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    _device_options(s)
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("demo", help="download Shakespeare, train a small model, print a sample")
+    s.add_argument("--minutes", type=float, default=8.0, help="training budget in minutes")
+    s.add_argument("--preset", default="char-small")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--prompt", default="ROMEO.\n")
+    s.add_argument("--max-tokens", type=int, default=600)
+    _device_options(s)
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def _device_options(s) -> None:
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    s.add_argument("--dtype", default="auto",
+                   help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16; bf16 is ~100x slower than fp32 "
+                        "on CPUs without native bf16")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except user_errors() as e:
+        msg = str(e) if not isinstance(e, FileNotFoundError) else f"{e.filename or e}: no such file"
+        print(f"samovar: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("samovar: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

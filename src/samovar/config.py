@@ -1,0 +1,253 @@
+"""ModelConfig: every architectural choice of the one Transformer, as typed fields, plus PRESETS.
+
+A family is a preset, never a class or a branch on a name: GPT-2 differs from LLaMA only in the
+values of the fields below (norm, position, mlp, tie_embeddings, ...). Each preset cites the
+published configuration it copies, so its shape can be checked against the original.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope", "none")
+MLPS = ("gelu", "relu", "relu2", "swiglu", "geglu")  # swiglu and geglu are gated: three matrices
+GELU_APPROX = ("none", "tanh")
+NORM_PLACEMENTS = ("pre", "post")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a model or a run; the message is one line for the user."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom"
+    family: str = "custom"  # shown by `samovar presets`; never used to choose behaviour
+    vocab_size: int = 256
+    context_len: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # None: n_head (multi-head); 1: multi-query; else grouped-query
+    n_embd: int = 128
+    head_dim: int | None = None  # None: n_embd // n_head
+    d_ff: int | None = None  # None: 4 * n_embd
+    # normalisation
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    norm_bias: bool = True  # LayerNorm only
+    norm_unit_offset: bool = False  # Gemma: scale by (1 + weight), weight initialised at 0
+    norm_placement: str = "pre"  # "post": GPT-1's x = norm(x + f(x)), and no final norm
+    qk_norm: bool = False  # RMSNorm over each head of q and k (Qwen3)
+    # positions
+    position: str = "learned"
+    rope_theta: float = 10000.0
+    # attention
+    attn_bias: bool = False  # biases of the q, k, v projections
+    attn_out_bias: bool = False  # bias of the output projection
+    sliding_window: int | None = None  # attend to at most this many most recent positions
+    # feed-forward
+    mlp: str = "gelu"
+    gelu_approx: str = "none"
+    mlp_bias: bool = False
+    # embeddings and head
+    tie_embeddings: bool = False
+    embed_scale: bool = False  # multiply token embeddings by sqrt(n_embd) (Gemma)
+    # training-time
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head if self.head_dim is None else self.head_dim
+
+    @property
+    def ff_size(self) -> int:
+        return 4 * self.n_embd if self.d_ff is None else self.d_ff
+
+    def validate(self) -> None:
+        for name, allowed in (("norm", NORMS), ("position", POSITIONS), ("mlp", MLPS),
+                              ("gelu_approx", GELU_APPROX), ("norm_placement", NORM_PLACEMENTS)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+        for name in ("vocab_size", "context_len", "n_layer", "n_head", "n_embd"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.head_dim is None and self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                              "set head_dim to use heads of another size")
+        if self.kv_heads < 1 or self.n_head % self.kv_heads:
+            raise ConfigError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.kv_heads}")
+        if self.position == "rope" and self.head_size % 2:
+            raise ConfigError(f"rotary positions need an even head size, got {self.head_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"sliding_window must be positive, got {self.sliding_window}")
+
+    # ---- JSON round trip -----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise ConfigError(f"cannot read model config {path}: {e}") from None
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ---- sizes ---------------------------------------------------------------------------------
+    def num_params(self) -> int:
+        """Parameter count, computed from the shapes alone (no tensors are allocated)."""
+        d, h, kv, hd, f = self.n_embd, self.n_head, self.kv_heads, self.head_size, self.ff_size
+        norm = d * (2 if self.norm == "layernorm" and self.norm_bias else 1)
+        attn = d * h * hd + 2 * d * kv * hd + h * hd * d
+        attn += (h * hd + 2 * kv * hd) * self.attn_bias + d * self.attn_out_bias
+        attn += 2 * hd * self.qk_norm
+        gated = self.mlp in ("swiglu", "geglu")
+        mlp = (3 if gated else 2) * d * f + (((2 if gated else 1) * f + d) if self.mlp_bias else 0)
+        block = attn + mlp + 2 * norm
+        n = self.n_layer * block + self.vocab_size * d
+        n += 0 if self.tie_embeddings else self.vocab_size * d
+        n += self.context_len * d if self.position == "learned" else 0
+        n += norm if self.norm_placement == "pre" else 0  # the final norm
+        return n
+
+
+# ---- field parsing shared by --set, config files and the CLI ---------------------------------------
+def parse_field_value(cls, key: str, value):
+    """Convert `value` (a string from the command line, or a TOML/YAML value) to field `key`'s type."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if key not in fields:
+        raise ConfigError(f"unknown key {key!r}")
+    hint = typing.get_type_hints(cls)[key]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = type(None) in typing.get_args(hint)
+    target = args[0] if args else hint
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if not optional:
+            raise ConfigError(f"{key} cannot be empty")
+        return None
+    try:
+        if target is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if target is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if target is float:
+            return float(value)
+        if target is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not a valid {target.__name__}") from None
+    return value
+
+
+# ---- presets ---------------------------------------------------------------------------------------
+def _gpt2(**kw) -> ModelConfig:
+    # https://huggingface.co/openai-community/gpt2/blob/main/config.json
+    base = dict(family="gpt2", vocab_size=50257, context_len=1024, n_layer=12, n_head=12, n_embd=768,
+                norm="layernorm", position="learned", mlp="gelu", gelu_approx="tanh", attn_bias=True,
+                attn_out_bias=True, mlp_bias=True, tie_embeddings=True, dropout=0.0)
+    return ModelConfig(**{**base, **kw})
+
+
+def _gpt1(**kw) -> ModelConfig:
+    # https://huggingface.co/openai-community/openai-gpt/blob/main/config.json
+    base = dict(family="gpt1", vocab_size=40478, context_len=512, n_layer=12, n_head=12, n_embd=768,
+                norm="layernorm", norm_placement="post", position="learned", mlp="gelu",
+                attn_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True, dropout=0.1)
+    return ModelConfig(**{**base, **kw})
+
+
+def _llama(**kw) -> ModelConfig:
+    # https://huggingface.co/meta-llama/Llama-2-7b-hf/blob/main/config.json (the shared parts)
+    base = dict(family="llama", norm="rmsnorm", norm_eps=1e-5, position="rope", rope_theta=10000.0,
+                mlp="swiglu", tie_embeddings=False)
+    return ModelConfig(**{**base, **kw})
+
+
+PRESETS: dict[str, ModelConfig] = {
+    p.name: p
+    for p in [
+        _gpt1(name="gpt1"),
+        _gpt1(name="gpt1-tiny", vocab_size=512, context_len=64, n_layer=2, n_head=4, n_embd=64),
+        _gpt2(name="gpt2"),
+        _gpt2(name="gpt2-124m"),
+        # https://huggingface.co/openai-community/gpt2-medium/blob/main/config.json
+        _gpt2(name="gpt2-medium", n_layer=24, n_head=16, n_embd=1024),
+        _gpt2(name="gpt2-tiny", vocab_size=512, context_len=64, n_layer=2, n_head=4, n_embd=64),
+        # https://huggingface.co/meta-llama/Llama-2-7b-hf/blob/main/config.json
+        _llama(name="llama-2-7b", vocab_size=32000, context_len=4096, n_layer=32, n_head=32,
+               n_embd=4096, d_ff=11008),
+        # https://huggingface.co/meta-llama/Llama-3.2-1B/blob/main/config.json (rope scaling aside)
+        _llama(name="llama-3.2-1b", vocab_size=128256, context_len=131072, n_layer=16, n_head=32,
+               n_kv_head=8, n_embd=2048, d_ff=8192, rope_theta=500000.0, tie_embeddings=True,
+               norm_eps=1e-5),
+        _llama(name="llama", vocab_size=32000, context_len=2048, n_layer=22, n_head=32, n_kv_head=4,
+               n_embd=2048, d_ff=5632),  # TinyLlama-1.1B's shape
+        _llama(name="llama-tiny", vocab_size=512, context_len=64, n_layer=2, n_head=4, n_kv_head=2,
+               n_embd=64, d_ff=176),
+        # A small DeepSeek-style decoder (RMSNorm + RoPE + SwiGLU) with GPT-2's vocabulary, the kind of
+        # ~60M model that fits a laptop; not a published checkpoint.
+        _llama(name="deepseek-60m", family="deepseek", vocab_size=50257, context_len=1024, n_layer=10,
+               n_head=8, n_embd=512, d_ff=1536, tie_embeddings=True, norm_eps=1e-6),
+        # nanoGPT's config/train_shakespeare_char.py with a 0.15 dropout: about 10.8M parameters
+        ModelConfig(name="gpt-mini-char", family="gpt2", vocab_size=65, context_len=256, n_layer=6,
+                    n_head=6, n_embd=384, norm="layernorm", position="learned", mlp="gelu",
+                    attn_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True, dropout=0.15),
+        # A smaller char model that learns visibly within a few CPU minutes (the demo's default)
+        ModelConfig(name="char-small", family="gpt2", vocab_size=65, context_len=128, n_layer=4,
+                    n_head=4, n_embd=192, norm="layernorm", position="learned", mlp="gelu",
+                    attn_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True, dropout=0.05),
+    ]
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])
+
+
+def format_count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.{max(0, 3 - int(math.log10(n / scale)) - 1)}f}{unit}"
+    return str(n)

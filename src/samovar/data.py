@@ -1,0 +1,216 @@
+"""Corpora -> token files, and batches from them.
+
+`prepare` reads text files, folders of them and JSONL (a "text" field per line), trains or loads a
+tokenizer, and writes, nanoGPT-style:
+
+    DIR/train.bin  DIR/val.bin   token ids, a flat numpy array (uint16 if the vocabulary fits, else uint32)
+    DIR/meta.json                dtype, token and byte counts, sources, tokenizer kind
+    DIR/tokenizer.json
+
+Documents are joined with the eos token (when the tokenizer has one); the last `val_fraction` of the
+token stream is the validation split. `TokenData` reads the files as memmaps, never into RAM.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write_bytes, atomic_write_text
+from .tokenizer import DEFAULT_SPECIALS, Tokenizer
+
+TEXT_SUFFIXES = {".txt", ".md", ".text", ".jsonl", ""}
+
+
+class DataError(ValueError):
+    pass
+
+
+def find_files(inputs: list[str | Path]) -> list[Path]:
+    files = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise DataError(f"folder {path} holds no text files (.txt, .md, .jsonl)")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"input {path} does not exist")
+    return files
+
+
+def read_documents(files: list[Path]) -> list[str]:
+    """One string per document: a whole text file, or each "text" of a JSONL file. CRLF -> LF."""
+    docs = []
+    for file in files:
+        raw = file.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{file} is not UTF-8 text (bad byte at offset {e.start}); "
+                            "convert it first, e.g. iconv -f cp1251 -t utf-8") from None
+        text = text.removeprefix("\ufeff").replace("\r\n", "\n")
+        if file.suffix.lower() == ".jsonl":
+            docs.extend(_jsonl_texts(file, text))
+        elif text.strip():
+            docs.append(text)
+    if not any(d.strip() for d in docs):
+        raise DataError("the corpus is empty: no text in " + ", ".join(str(f) for f in files[:3]))
+    return docs
+
+
+def _jsonl_texts(file: Path, text: str) -> list[str]:
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{file}:{n}: malformed JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f'{file}:{n}: expected an object with a "text" string')
+        out.append(record["text"])
+    return out
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char",
+            vocab_size: int | None = None, val_fraction: float = 0.1, context_len: int | None = None,
+            special_tokens=DEFAULT_SPECIALS) -> dict:
+    """Tokenize `inputs` into `out`; `tokenizer` is a kind to train or a path to tokenizer.json."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    files = find_files(inputs)
+    docs = read_documents(files)
+    if tokenizer in ("char", "word", "bpe"):
+        tok = Tokenizer.train(tokenizer, docs, vocab_size=vocab_size, special_tokens=special_tokens)
+    else:
+        tok = Tokenizer.load(tokenizer)
+    ids = encode_documents(tok, docs)
+    n_val = max(1, int(len(ids) * val_fraction))
+    n_train = len(ids) - n_val
+    need = (context_len or 1) + 1
+    if n_train < need or n_val < need:
+        raise DataError(f"the corpus is too short: {len(ids)} tokens give {n_train} train and {n_val} "
+                        f"val tokens, fewer than one context of {need} tokens")
+    dtype = token_dtype(tok.vocab_size)
+    arr = np.asarray(ids, dtype=dtype)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "train.bin", arr[:n_train].tobytes())
+    atomic_write_bytes(out / "val.bin", arr[n_train:].tobytes())
+    tok.save(out / "tokenizer.json")
+    # bytes per split, for bits per byte: the text of each split decoded back
+    val_bytes = len(tok.decode(arr[n_train:].tolist()).encode("utf-8"))
+    total_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    meta = {
+        "tokenizer": tok.kind, "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
+        "train_tokens": int(n_train), "val_tokens": int(n_val),
+        "bytes": total_bytes, "val_bytes": val_bytes,
+        "sources": [str(f) for f in files], "documents": len(docs),
+    }
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def encode_documents(tok: Tokenizer, docs: list[str]) -> list[int]:
+    """Encode and join documents, with eos between them when the tokenizer has one."""
+    ids: list[int] = []
+    eos = tok.eos_id
+    chunks = [split_for_encoding(d) for d in docs]
+    for doc_chunks in chunks:
+        if ids and eos is not None:
+            ids.append(eos)
+        for piece in tok.encode_many(doc_chunks):
+            ids.extend(piece)
+    return ids
+
+
+def split_for_encoding(text: str, target: int = 1 << 16) -> list[str]:
+    """Cut `text` into ~64 KB pieces at a newline followed by a non-space character.
+
+    GPT-2's pre-tokenizer never joins a newline with a following letter into one piece, so encoding
+    the pieces separately gives the same ids as encoding the whole text, and lets HF tokenizers
+    encode them in parallel."""
+    pieces, start = [], 0
+    while len(text) - start > target:
+        cut = start + target
+        while cut < len(text) - 1 and not (text[cut - 1] == "\n" and not text[cut].isspace()):
+            cut += 1
+        if cut >= len(text) - 1:
+            break
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+@dataclass
+class TokenData:
+    """train.bin / val.bin of a prepared folder, read through memmaps."""
+
+    folder: Path
+    meta: dict
+    train: np.ndarray
+    val: np.ndarray
+
+    @classmethod
+    def open(cls, folder: str | Path) -> "TokenData":
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise DataError(f"data folder {folder} does not exist")
+        meta_file = folder / "meta.json"
+        if not meta_file.exists():
+            raise DataError(f"{folder} has no meta.json: prepare it first with `samovar prepare`")
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            dtype = np.dtype(meta["dtype"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"cannot read {meta_file}: {e}") from None
+        splits = {}
+        for split in ("train", "val"):
+            file = folder / f"{split}.bin"
+            if not file.exists() or file.stat().st_size == 0:
+                raise DataError(f"{folder} has no tokens in {split}.bin")
+            splits[split] = np.memmap(file, dtype=dtype, mode="r")
+        return cls(folder, meta, splits["train"], splits["val"])
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.load(self.folder / "tokenizer.json")
+
+    def check_context(self, context_len: int) -> None:
+        for split in ("train", "val"):
+            n = len(getattr(self, split))
+            if n < context_len + 1:
+                raise DataError(f"{split}.bin has {n} tokens, fewer than one context of "
+                                f"{context_len} + 1; use a longer corpus or a shorter context_len")
+
+    def batch(self, split: str, batch_size: int, context_len: int, generator: torch.Generator):
+        """Random windows (nanoGPT): x = tokens[i:i+T], y = tokens[i+1:i+T+1], as int64 (B, T)."""
+        data = self.train if split == "train" else self.val
+        starts = torch.randint(len(data) - context_len, (batch_size,), generator=generator)
+        x = np.stack([data[i:i + context_len] for i in starts.tolist()]).astype(np.int64)
+        y = np.stack([data[i + 1:i + 1 + context_len] for i in starts.tolist()]).astype(np.int64)
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def sequential_batches(self, split: str, batch_size: int, context_len: int):
+        """Every token of a split once, in non-overlapping windows (for whole-split evaluation)."""
+        data = self.train if split == "train" else self.val
+        n = (len(data) - 1) // context_len
+        for b in range(0, n, batch_size):
+            rows = range(b, min(b + batch_size, n))
+            x = np.stack([data[r * context_len:(r + 1) * context_len] for r in rows]).astype(np.int64)
+            y = np.stack([data[r * context_len + 1:(r + 1) * context_len + 1] for r in rows]).astype(np.int64)
+            yield torch.from_numpy(x), torch.from_numpy(y)

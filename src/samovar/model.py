@@ -1,0 +1,123 @@
+"""The Transformer: a decoder-only language model assembled from the parts in layers.py.
+
+    idx (B, T) -> token embedding [+ learned positions] -> n_layer x Block -> [final norm] -> lm_head
+
+Every family (GPT-1, GPT-2, LLaMA, ...) is this class with another ModelConfig. A Block is either
+pre-norm, x + f(norm(x)) (GPT-2 and everything after it), or post-norm, norm(x + f(x)) (GPT-1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .layers import (Attention, KVCache, LayerNorm, RMSNorm, Rotary, init_std_for_residual, make_mlp,
+                     make_norm)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.pre_norm = cfg.norm_placement == "pre"
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = make_mlp(cfg)
+
+    def forward(self, x, rope=None, kv_cache=None):
+        if self.pre_norm:
+            x = x + self.attn(self.attn_norm(x), rope, kv_cache)
+            x = x + self.mlp(self.mlp_norm(x))
+        else:
+            x = self.attn_norm(x + self.attn(x, rope, kv_cache))
+            x = self.mlp_norm(x + self.mlp(x))
+        return x
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.context_len, cfg.n_embd) if cfg.position == "learned" else None
+        self.rotary = (Rotary(cfg.head_size, cfg.context_len, cfg.rope_theta)
+                       if cfg.position == "rope" else None)
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.final_norm = make_norm(cfg) if cfg.norm_placement == "pre" else nn.Identity()
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    def forward(self, idx, targets=None, kv_cache: KVCache | None = None, loss_mask=None):
+        """Logits (B, T, vocab_size); or, when targets (B, T) are given, the mean cross-entropy loss
+        over the positions where loss_mask (B, T) is true (all positions when it is None)."""
+        B, T = idx.shape
+        start = 0 if kv_cache is None else kv_cache.pos
+        if start + T > self.config.context_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds context_len={self.config.context_len}")
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.config.embed_scale:
+            x = x * torch.tensor(math.sqrt(self.config.n_embd), dtype=x.dtype)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+        x = self.emb_dropout(x)
+        rope = self.rotary(start, T) if self.rotary is not None else None
+        for block in self.blocks:
+            x = block(x, rope, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        x = self.final_norm(x)
+        if targets is None:
+            return self.lm_head(x)  # (B, T, vocab_size)
+        logits = self.lm_head(x).float()
+        if loss_mask is not None:
+            targets = targets.masked_fill(~loss_mask.bool(), -100)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+    # ---- initialisation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self):
+        """GPT-2's initialisation, as in nanoGPT:
+
+        | parameter                                 | init                          |
+        |-------------------------------------------|-------------------------------|
+        | embeddings, linear weights                | normal(0, init_std)           |
+        | out_proj, down_proj (write the residual)  | normal(0, init_std/sqrt(2L))  |
+        | biases                                    | zeros                         |
+        | norm gains                                | ones (zeros with unit offset) |
+        """
+        cfg = self.config
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = init_std_for_residual(cfg) if name.endswith(("out_proj", "down_proj")) else cfg.init_std
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(0.0 if module.unit_offset else 1.0)
+            elif isinstance(module, LayerNorm):
+                module.weight.fill_(1.0)
+                if module.bias is not None:
+                    module.bias.zero_()
+
+    # ---- sizes -------------------------------------------------------------------------------------
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H D T."""
+        cfg = self.config
+        n = self.num_params() - (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * cfg.context_len
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.tok_emb.weight
+        return KVCache(self.config, batch_size, max_len or self.config.context_len, p.device, p.dtype)

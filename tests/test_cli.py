@@ -1,0 +1,116 @@
+"""The `samovar` command end to end, in real subprocesses."""
+
+import json
+
+import pytest
+
+from conftest import run_cli
+
+
+def assert_one_line_error(result, fragment):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("samovar: error:"), result.stderr
+    assert fragment in lines[0]
+
+
+def test_presets_lists_families_and_counts():
+    result = run_cli("presets")
+    assert result.returncode == 0
+    by_name = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+    assert {"gpt1", "gpt2", "gpt2-124m", "llama", "deepseek-60m", "gpt-mini-char"} <= set(by_name)
+    assert "124M" in by_name["gpt2-124m"] and "10.8M" in by_name["gpt-mini-char"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, small_text):
+    root = tmp_path_factory.mktemp("cli")
+    (root / "corpus.txt").write_text(small_text, encoding="utf-8")
+    result = run_cli("prepare", root / "corpus.txt", "--tokenizer", "char", "--out", root / "data")
+    assert result.returncode == 0, result.stderr
+    (root / "run.toml").write_text('preset = "gpt2-tiny"\n[train]\nbatch_size = 4\neval_steps = 2\n')
+    result = run_cli("train", "--config", root / "run.toml", "--data", root / "data", "--out", root / "run",
+                     "--set", "max_steps=20", "--set", "eval_interval=10", "--set", "context_len=32",
+                     "--set", "n_layer=1", "--set", "device=cpu", "--set", "seed=5")
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+def test_prepare_and_train_write_their_folders(cli_run):
+    meta = json.loads((cli_run / "data" / "meta.json").read_text())
+    assert meta["tokenizer"] == "char" and meta["train_tokens"] > 0
+    config = json.loads((cli_run / "run" / "config.json").read_text())
+    assert (config["n_layer"], config["context_len"], config["vocab_size"]) == (1, 32, meta["vocab_size"])
+    train_config = json.loads((cli_run / "run" / "train_config.json").read_text())
+    assert (train_config["batch_size"], train_config["max_steps"], train_config["seed"]) == (4, 20, 5)
+    assert (cli_run / "run" / "metrics.csv").exists() and (cli_run / "run" / "loss.png").exists()
+
+
+def test_generate_is_reproducible_and_streams(cli_run):
+    args = ("generate", cli_run / "run", "--prompt", "ROMEO", "--max-tokens", "30", "--seed", "3",
+            "--temperature", "1.0", "--top-k", "20", "--top-p", "0.95", "--device", "cpu")
+    a, b, streamed = run_cli(*args), run_cli(*args), run_cli(*args, "--stream")
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout == streamed.stdout
+    assert a.stdout.startswith("ROMEO") and len(a.stdout) > len("ROMEO") + 5
+    greedy = run_cli("generate", cli_run / "run", "--prompt", "ROMEO", "--temperature", "0", "--max-tokens", "10")
+    assert greedy.returncode == 0 and greedy.stdout.startswith("ROMEO")
+
+
+def test_resume_of_a_finished_run_extends_it(cli_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(cli_run / "run", run)
+    result = run_cli("train", "--config", cli_run / "run.toml", "--data", cli_run / "data", "--resume", run,
+                     "--set", "max_steps=30", "--set", "eval_interval=10", "--set", "context_len=32",
+                     "--set", "n_layer=1", "--set", "device=cpu", "--set", "seed=5")
+    assert result.returncode == 0, result.stderr
+    assert "resuming at step 20" in result.stdout
+    assert (run / "checkpoints" / "step-0000030").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("train", "--preset", "gpt7", "--data", "{data}", "--out", "{tmp}/r"), "unknown preset 'gpt7'"),
+    (("train", "--preset", "gpt2-tiny", "--data", "{data}", "--out", "{tmp}/r", "--set", "n_layerz=2"),
+     "unknown key 'n_layerz'"),
+    (("train", "--preset", "gpt2-tiny", "--data", "{data}", "--out", "{tmp}/r", "--set", "lr=fast"),
+     "lr='fast' is not a valid float"),
+    (("train", "--preset", "gpt2-tiny", "--data", "{tmp}/nothing", "--out", "{tmp}/r"), "does not exist"),
+    (("train", "--preset", "gpt2-tiny", "--data", "{data}", "--out", "{tmp}/r", "--set", "context_len=100000"),
+     "fewer than one context"),
+    (("train", "--preset", "gpt2-tiny", "--data", "{data}", "--out", "{tmp}/r", "--set", "vocab_size=10"),
+     "more than the model's vocab_size=10"),
+    (("train", "--preset", "gpt2-tiny", "--data", "{data}", "--out", "{tmp}/r", "--config", "{tmp}/none.toml"),
+     "does not exist"),
+    (("generate", "{tmp}/no-run", "--prompt", "x"), "does not exist"),
+    (("generate", "{run}", "--prompt", "x", "--temperature", "-1"), "temperature must be >= 0"),
+    (("generate", "{run}", "--prompt", "x" * 40), "more than the model's context of 32"),
+    (("generate", "{run}", "--prompt", "x", "--device", "cuda"), "no CUDA GPU"),
+    (("prepare", "{tmp}/missing.txt", "--out", "{tmp}/d"), "does not exist"),
+    (("prepare", "{tmp}/latin1.txt", "--out", "{tmp}/d"), "is not UTF-8"),
+    (("prepare", "{tmp}/empty.txt", "--out", "{tmp}/d"), "the corpus is empty"),
+])
+def test_bad_inputs_get_one_error_line(cli_run, tmp_path, args, fragment):
+    (tmp_path / "latin1.txt").write_bytes("café olé".encode("latin-1") * 100)
+    (tmp_path / "empty.txt").write_text("")
+    subs = {"{data}": str(cli_run / "data"), "{tmp}": str(tmp_path), "{run}": str(cli_run / "run")}
+    filled = []
+    for a in args:
+        for k, v in subs.items():
+            a = a.replace(k, v)
+        filled.append(a)
+    assert_one_line_error(run_cli(*filled), fragment)
+
+
+def test_corrupted_checkpoint_is_refused(cli_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(cli_run / "run", run)
+    last = sorted((run / "checkpoints").iterdir())[-1]
+    data = (last / "model.safetensors").read_bytes()
+    (last / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert_one_line_error(run_cli("generate", run, "--prompt", "x"), "cannot read weights")
+    (last / "config.json").write_text("{oops")
+    assert_one_line_error(run_cli("generate", run, "--prompt", "x"), "cannot read model config")

@@ -1,0 +1,142 @@
+import pytest
+import torch
+
+from samovar.api import LLM, generate, stream_text
+from samovar.config import get_preset
+from samovar.engine import Engine, GenerationError, SamplingParams, sample
+from samovar.model import Transformer
+from samovar.tokenizer import Tokenizer
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 30
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train("char", [TEXT])
+
+
+@pytest.fixture(scope="module")
+def trained(tokenizer):
+    """A tiny model that has learned the sentence, so its greedy output is meaningful."""
+    torch.manual_seed(0)
+    cfg = get_preset("llama-tiny").replace(vocab_size=tokenizer.vocab_size, context_len=48)
+    model = Transformer(cfg)
+    ids = torch.tensor(tokenizer.encode(TEXT))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(150):
+        starts = torch.randint(len(ids) - 49, (16,), generator=torch.Generator().manual_seed(step))
+        batch = torch.stack([ids[s:s + 49] for s in starts])
+        loss = model(batch[:, :-1], batch[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny", "gpt1-tiny"])
+def test_cached_and_uncached_greedy_agree(preset):
+    torch.manual_seed(1)
+    cfg = get_preset(preset)
+    model = Transformer(cfg).eval()
+    engine = Engine(model)
+    params = SamplingParams(max_tokens=40, temperature=0)
+    prompt = [3, 14, 15, 92, 65]
+    cached = list(engine.generate(prompt, params))
+    uncached = list(engine.generate(prompt, params, use_cache=False))
+    assert len(cached) == 40 and cached == uncached
+
+
+def test_cached_and_uncached_sampling_agree_with_a_seed():
+    torch.manual_seed(2)
+    model = Transformer(get_preset("llama-tiny")).eval()
+    engine = Engine(model)
+    params = SamplingParams(max_tokens=30, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    assert list(engine.generate([1, 2, 3], params)) == list(engine.generate([1, 2, 3], params, use_cache=False))
+
+
+def test_generation_continues_past_the_context():
+    torch.manual_seed(3)
+    cfg = get_preset("gpt2-tiny").replace(context_len=16)
+    engine = Engine(Transformer(cfg).eval())
+    out = list(engine.generate([1, 2, 3], SamplingParams(max_tokens=50, temperature=0)))
+    assert len(out) == 50
+
+
+def test_trained_model_recites_greedily(trained, tokenizer):
+    out = generate(trained, tokenizer, "the quick brown ", max_tokens=24, temperature=0)
+    assert out.startswith("fox jumps over the lazy")
+
+
+def test_seeds_reproduce_and_differ(trained, tokenizer):
+    kw = dict(max_tokens=40, temperature=1.5)
+    a = generate(trained, tokenizer, "the ", seed=1, **kw)
+    assert a == generate(trained, tokenizer, "the ", seed=1, **kw)
+    assert any(generate(trained, tokenizer, "the ", seed=s, **kw) != a for s in range(2, 6))
+
+
+def test_streaming_yields_the_same_text(trained, tokenizer):
+    kw = dict(max_tokens=30, temperature=0)
+    pieces = list(generate(trained, tokenizer, "the lazy ", stream=True, **kw))
+    assert len(pieces) > 1 and "".join(pieces) == generate(trained, tokenizer, "the lazy ", **kw)
+
+
+def test_stream_text_waits_for_whole_utf8_characters():
+    bpe = Tokenizer.train("bpe", ["plain ascii only " * 10], vocab_size=300)
+    ids = bpe.encode("Ж😀")  # unseen characters: one byte token each
+    assert len(ids) == 6
+    pieces = list(stream_text(bpe, iter(ids)))
+    assert pieces == ["Ж", "😀"]
+
+
+def test_stops_at_eos_unless_told_not_to(tokenizer):
+    torch.manual_seed(0)
+    cfg = get_preset("llama-tiny").replace(vocab_size=tokenizer.vocab_size)
+    model = Transformer(cfg).eval()
+    model.lm_head = torch.nn.Linear(cfg.n_embd, cfg.vocab_size)  # a head that always prefers eos
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[tokenizer.eos_id] = 10.0
+    assert generate(model, tokenizer, "the", max_tokens=10, temperature=0) == ""
+    out = generate(model, tokenizer, "the", max_tokens=10, temperature=0, ignore_eos=True)
+    assert out == "<|eos|>" * 10
+
+
+def test_top_k_and_top_p_restrict_the_choices():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    top2 = {int(sample(logits, SamplingParams(temperature=1.0, top_k=2), g)) for _ in range(200)}
+    assert top2 == {0, 1}
+    # probabilities ~ [0.64, 0.24, 0.09, ...]: top_p=0.8 keeps the first two tokens
+    nucleus = {int(sample(logits, SamplingParams(temperature=1.0, top_p=0.8), g)) for _ in range(300)}
+    assert nucleus == {0, 1}
+    assert {int(sample(logits, SamplingParams(temperature=1.0, top_p=0.5), g)) for _ in range(50)} == {0}
+    assert int(sample(logits, SamplingParams(temperature=0))) == 0
+    wide = {int(sample(logits, SamplingParams(temperature=5.0), g)) for _ in range(300)}
+    assert wide == {0, 1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"temperature": -0.5}, "temperature must be >= 0"),
+    ({"top_k": 0}, "top_k must be >= 1"),
+    ({"top_p": 0.0}, "top_p must be in"),
+    ({"top_p": 1.5}, "top_p must be in"),
+    ({"max_tokens": -1}, "max_tokens must be >= 0"),
+])
+def test_bad_sampling_parameters(trained, tokenizer, kw, message):
+    with pytest.raises(GenerationError, match=message):
+        generate(trained, tokenizer, "the", **kw)
+
+
+def test_prompt_longer_than_context(trained, tokenizer):
+    with pytest.raises(GenerationError, match="more than the model's context of 48"):
+        generate(trained, tokenizer, "x" * 49 if "x" in TEXT else "the " * 13)
+
+
+def test_llm_object(tmp_path, trained, tokenizer):
+    llm = LLM(trained, tokenizer)
+    folder = llm.save(tmp_path / "ckpt")
+    again = LLM.from_path(folder, device="cpu")
+    kw = dict(max_tokens=20, temperature=0)
+    assert again.generate("the quick ", **kw) == llm.generate("the quick ", **kw)
+    assert "".join(again.stream("the quick ", **kw)) == llm.generate("the quick ", **kw)

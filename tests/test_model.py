@@ -1,0 +1,151 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from samovar.config import get_preset
+from samovar.layers import KVCache, RMSNorm, Rotary, apply_rotary
+from samovar.model import Transformer
+
+VARIANTS = {
+    "gpt2": get_preset("gpt2-tiny"),
+    "gpt1-post-norm": get_preset("gpt1-tiny"),
+    "llama-gqa": get_preset("llama-tiny"),
+    "mqa-relu": get_preset("llama-tiny").replace(n_kv_head=1, mlp="relu", norm="layernorm"),
+    "sliding-window": get_preset("llama-tiny").replace(sliding_window=5),
+    "qk-norm-geglu": get_preset("llama-tiny").replace(qk_norm=True, mlp="geglu", gelu_approx="tanh",
+                                                      norm_unit_offset=True, embed_scale=True, head_dim=24),
+    "relu2-untied": get_preset("gpt2-tiny").replace(mlp="relu2", tie_embeddings=False, position="none"),
+}
+
+
+def make(cfg, seed=0):
+    torch.manual_seed(seed)
+    return Transformer(cfg).eval()
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_forward_shapes_and_loss(name):
+    cfg = VARIANTS[name]
+    model = make(cfg)
+    idx = torch.randint(cfg.vocab_size, (2, 12))
+    logits = model(idx)
+    assert logits.shape == (2, 12, cfg.vocab_size)
+    targets = torch.randint(cfg.vocab_size, (2, 12))
+    loss = model(idx, targets)
+    assert torch.allclose(loss, F.cross_entropy(logits.view(-1, cfg.vocab_size), targets.view(-1)), atol=1e-5)
+    # a fresh model predicts roughly uniformly
+    assert abs(loss.item() - torch.log(torch.tensor(float(cfg.vocab_size))).item()) < 1.0
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_cached_decoding_equals_full_recompute(name):
+    cfg = VARIANTS[name]
+    model = make(cfg)
+    idx = torch.randint(cfg.vocab_size, (2, 20))
+    full = model(idx)
+    cache = KVCache(cfg, batch_size=2, max_len=cfg.context_len)
+    parts = [model(idx[:, :7], kv_cache=cache)]  # prefill
+    parts += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(7, 15)]  # one token at a time
+    parts.append(model(idx[:, 15:], kv_cache=cache))  # a chunk after history
+    assert cache.pos == 20
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_attention_is_causal(name):
+    cfg = VARIANTS[name]
+    model = make(cfg)
+    idx = torch.randint(cfg.vocab_size, (1, 16))
+    changed = idx.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % cfg.vocab_size
+    torch.testing.assert_close(model(idx)[:, :10], model(changed)[:, :10])
+    assert not torch.allclose(model(idx)[:, 10:], model(changed)[:, 10:])
+
+
+def test_sliding_window_forgets_old_tokens():
+    cfg = get_preset("llama-tiny").replace(n_layer=1, sliding_window=4)
+    model = make(cfg)
+    idx = torch.randint(cfg.vocab_size, (1, 12))
+    changed = idx.clone()
+    changed[0, 2] = (changed[0, 2] + 1) % cfg.vocab_size
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, 6:], b[:, 6:])  # position 6 sees 3..6 only
+    assert not torch.allclose(a[:, 2:6], b[:, 2:6])
+
+
+def test_loss_mask_ignores_masked_positions():
+    cfg = get_preset("gpt2-tiny")
+    model = make(cfg)
+    idx = torch.randint(cfg.vocab_size, (2, 10))
+    targets = torch.randint(cfg.vocab_size, (2, 10))
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[:, 5:] = True
+    logits = model(idx)
+    expected = F.cross_entropy(logits[:, 5:].reshape(-1, cfg.vocab_size), targets[:, 5:].reshape(-1))
+    torch.testing.assert_close(model(idx, targets, loss_mask=mask), expected)
+
+
+def test_tied_and_untied_embeddings():
+    tied = make(get_preset("gpt2-tiny"))
+    assert tied.lm_head.weight.data_ptr() == tied.tok_emb.weight.data_ptr()
+    untied = make(get_preset("llama-tiny"))
+    assert untied.lm_head.weight.data_ptr() != untied.tok_emb.weight.data_ptr()
+
+
+def test_too_long_input_is_refused():
+    cfg = get_preset("gpt2-tiny")
+    with pytest.raises(ValueError, match="exceeds context_len"):
+        make(cfg)(torch.zeros(1, cfg.context_len + 1, dtype=torch.long))
+
+
+def test_rmsnorm_matches_definition():
+    x = torch.randn(3, 8)
+    norm = RMSNorm(8, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2, 8))
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight
+    torch.testing.assert_close(norm(x), expected)
+    offset = RMSNorm(8, eps=1e-6, unit_offset=True)  # Gemma: (1 + w), w = 0 is the identity gain
+    torch.testing.assert_close(offset(x), x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+def test_rotary_rotates_pairs_by_position_angles():
+    D = 8
+    rot = Rotary(D, max_len=16, theta=10000.0)
+    x = torch.randn(1, 1, 1, D)
+    cos, sin = rot(5, 1)
+    y = apply_rotary(x, cos, sin)
+    # pair i is (x[i], x[i + D/2]) rotated by 5 * theta^(-2i/D); the norm of each pair is kept
+    for i in range(D // 2):
+        angle = 5 * 10000.0 ** (-2 * i / D)
+        a, b = x[..., i].item(), x[..., i + D // 2].item()
+        c, s = torch.cos(torch.tensor(angle)).item(), torch.sin(torch.tensor(angle)).item()
+        assert y[..., i].item() == pytest.approx(a * c - b * s, abs=1e-5)
+        assert y[..., i + D // 2].item() == pytest.approx(b * c + a * s, abs=1e-5)
+
+
+def test_relative_positions_only_with_rope():
+    """With RoPE, q.k depends on the distance of the positions, not on where they are."""
+    rot = Rotary(8, max_len=32, theta=10000.0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    dots = []
+    for start in (0, 9):
+        cq, sq = rot(start + 3, 1)
+        ck, sk = rot(start, 1)
+        dots.append((apply_rotary(q, cq, sq) * apply_rotary(k, ck, sk)).sum().item())
+    assert dots[0] == pytest.approx(dots[1], abs=1e-5)
+
+
+def test_training_reduces_loss_on_a_fixed_batch():
+    cfg = get_preset("llama-tiny")
+    model = make(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    idx = torch.randint(cfg.vocab_size, (4, 32))
+    first = None
+    for _ in range(30):
+        loss = model(idx[:, :-1], idx[:, 1:])
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first * 0.5
