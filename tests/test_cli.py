@@ -114,3 +114,40 @@ def test_corrupted_checkpoint_is_refused(cli_run, tmp_path):
     assert_one_line_error(run_cli("generate", run, "--prompt", "x"), "cannot read weights")
     (last / "config.json").write_text("{oops")
     assert_one_line_error(run_cli("generate", run, "--prompt", "x"), "cannot read model config")
+
+
+def test_import_generate_finetune_export(tmp_path, small_text):
+    """The README's interop path: a local HF model in, generation, fine-tuning, and back out."""
+    transformers = pytest.importorskip("transformers")
+    from samovar.tokenizer import Tokenizer
+
+    tok = Tokenizer.train("bpe", [small_text], vocab_size=400)
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    tok.save(tmp_path / "hf" / "tokenizer.json")
+
+    result = run_cli("import", tmp_path / "hf", "--out", tmp_path / "imported")
+    assert result.returncode == 0, result.stderr
+    assert "llama" in result.stdout
+    result = run_cli("generate", tmp_path / "imported", "--prompt", "ROMEO", "--max-tokens", "5", "--temperature", "0")
+    assert result.returncode == 0 and result.stdout.startswith("ROMEO")
+
+    (tmp_path / "corpus.txt").write_text(small_text)
+    result = run_cli("prepare", tmp_path / "corpus.txt", "--tokenizer", tmp_path / "imported" / "tokenizer.json",
+                     "--out", tmp_path / "data")
+    assert result.returncode == 0, result.stderr
+    result = run_cli("train", "--init-from", tmp_path / "imported", "--data", tmp_path / "data",
+                     "--out", tmp_path / "tuned", "--set", "max_steps=10", "--set", "eval_interval=5",
+                     "--set", "batch_size=2", "--set", "eval_steps=2", "--set", "device=cpu")
+    assert result.returncode == 0, result.stderr
+    result = run_cli("export", tmp_path / "tuned", "--format", "hf", "--out", tmp_path / "export")
+    assert result.returncode == 0, result.stderr
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert type(model).__name__ == "LlamaForCausalLM"
+
+    bad = run_cli("train", "--init-from", tmp_path / "imported", "--data", tmp_path / "data",
+                  "--out", tmp_path / "bad", "--set", "n_layer=3")
+    assert_one_line_error(bad, "the model's n_layer cannot change")
+    assert_one_line_error(run_cli("import", tmp_path / "data", "--out", tmp_path / "x"), "no config.json")

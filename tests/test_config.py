@@ -13,6 +13,13 @@ PUBLISHED = {
     "llama-2-7b": 6_738_415_616,
     "llama-3.2-1b": 1_235_814_400,
     "llama": 1_100_048_384,  # TinyLlama-1.1B
+    "mistral-7b": 7_241_732_096,
+    "mixtral-8x7b": 46_702_792_704,
+    "gemma-2b": 2_506_172_416,
+    "qwen3-0.6b": 596_049_920,
+    # DeepSeek-V3's 671,026,419,200 tensors' elements without the MTP layer include 58 x 256 routing
+    # biases, which are buffers (not trained by gradients), not parameters
+    "deepseek-v3": 671_026_419_200 - 58 * 256,
 }
 
 
@@ -21,7 +28,7 @@ def test_large_presets_have_published_parameter_counts(name):
     assert PRESETS[name].num_params() == PUBLISHED[name]
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(n for n in PRESETS if PRESETS[n].num_params() < 20e9))
 def test_counted_parameters_equal_the_built_model(name):
     cfg = PRESETS[name]
     with torch.device("meta"):

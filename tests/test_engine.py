@@ -98,8 +98,11 @@ def test_stops_at_eos_unless_told_not_to(tokenizer):
         model.lm_head.bias.zero_()
         model.lm_head.bias[tokenizer.eos_id] = 10.0
     assert generate(model, tokenizer, "the", max_tokens=10, temperature=0) == ""
-    out = generate(model, tokenizer, "the", max_tokens=10, temperature=0, ignore_eos=True)
-    assert out == "<|eos|>" * 10
+    engine = Engine(model)
+    prompt = tokenizer.encode("the")
+    assert list(engine.generate(prompt, SamplingParams(max_tokens=10, temperature=0), stop_ids=[tokenizer.eos_id])) == []
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    assert list(engine.generate(prompt, params, stop_ids=[tokenizer.eos_id])) == [tokenizer.eos_id] * 10
 
 
 def test_top_k_and_top_p_restrict_the_choices():

@@ -15,6 +15,14 @@ VARIANTS = {
     "qk-norm-geglu": get_preset("llama-tiny").replace(qk_norm=True, mlp="geglu", gelu_approx="tanh",
                                                       norm_unit_offset=True, embed_scale=True, head_dim=24),
     "relu2-untied": get_preset("gpt2-tiny").replace(mlp="relu2", tie_embeddings=False, position="none"),
+    "mixtral-moe": get_preset("mixtral-tiny"),
+    "deepseek-mla-moe": get_preset("deepseek-v3-tiny"),
+    "gemma": get_preset("gemma-tiny"),
+    "qwen3": get_preset("qwen3-tiny"),
+    "llama3-rope-scaling": get_preset("llama-tiny").replace(rope_scaling={
+        "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_context_len": 16}),
+    "yarn": get_preset("llama-tiny").replace(rope_scaling={"type": "yarn", "factor": 4.0, "original_context_len": 16}),
 }
 
 
@@ -32,7 +40,10 @@ def test_forward_shapes_and_loss(name):
     assert logits.shape == (2, 12, cfg.vocab_size)
     targets = torch.randint(cfg.vocab_size, (2, 12))
     loss = model(idx, targets)
-    assert torch.allclose(loss, F.cross_entropy(logits.view(-1, cfg.vocab_size), targets.view(-1)), atol=1e-5)
+    expected = F.cross_entropy(logits.view(-1, cfg.vocab_size), targets.view(-1))
+    if cfg.n_expert:
+        expected = expected + cfg.aux_loss_coef * model.aux_loss()
+    assert torch.allclose(loss, expected, atol=1e-5)
     # a fresh model predicts roughly uniformly
     assert abs(loss.item() - torch.log(torch.tensor(float(cfg.vocab_size))).item()) < 1.0
 
@@ -149,3 +160,37 @@ def test_training_reduces_loss_on_a_fixed_batch():
         loss.backward()
         opt.step()
     assert loss.item() < first * 0.5
+
+
+def test_moe_routes_each_token_to_k_experts_and_balances():
+    cfg = get_preset("mixtral-tiny")
+    model = make(cfg).train()
+    idx = torch.randint(cfg.vocab_size, (4, 16))
+    plain = model(idx, idx)  # with aux_loss_coef = 0.02
+    moe = model.moe_layers()
+    assert len(moe) == cfg.n_layer
+    for layer in moe:
+        assert int(layer.expert_load.sum()) == 4 * 16 * cfg.n_expert_active
+    aux = model.aux_loss()
+    assert aux.item() >= 1.0 - 1e-4  # E * sum(f_e * p_e) is 1 when perfectly balanced, more otherwise
+    without = make(cfg.replace(aux_loss_coef=0.0)).train()(idx, idx)
+    torch.testing.assert_close(plain, without + 0.02 * aux)
+    plain.backward()
+    assert all(p.grad is not None for p in model.blocks[0].mlp.router.parameters())
+
+
+def test_deepseek_router_uses_groups_and_bias():
+    from samovar.layers import Router
+
+    cfg = get_preset("deepseek-v3-tiny")  # 8 experts in 4 groups, the best 2 groups, top 2 experts
+    router = Router(cfg)
+    with torch.no_grad():
+        router.weight.normal_()
+        router.bias.copy_(torch.tensor([0, 0, 0, 0, 0, 0, 5.0, 5.0]))  # group 3 always wins
+    x = torch.randn(50, cfg.n_embd)
+    logits, weights, experts = router(x)
+    assert ((experts == 6) | (experts == 7)).any(dim=1).all()
+    chosen_groups = (experts // 2)
+    assert all(len(set(row.tolist())) <= 2 for row in chosen_groups)
+    scores = logits.sigmoid().gather(1, experts)
+    torch.testing.assert_close(weights, scores / scores.sum(-1, keepdim=True) * cfg.routed_scale)

@@ -125,3 +125,14 @@ def test_bad_runs_are_refused_before_the_first_step(tmp_path, char_data):
         tiny_train(batch_size=0)
     with pytest.raises(ConfigError, match="differs"):
         Trainer(tiny_model(69).replace(n_layer=3), tiny_train(max_steps=20), char_data, run, resume=True)
+
+
+@pytest.mark.parametrize("preset", ["mixtral-tiny", "deepseek-v3-tiny"])
+def test_mixture_of_experts_trains_and_reports_expert_usage(tmp_path, char_data, preset):
+    cfg = get_preset(preset).replace(vocab_size=69, context_len=32)
+    trainer = Trainer(cfg, tiny_train(max_steps=20, lr=3e-3), char_data, tmp_path / "run", progress=False)
+    start = trainer.estimate_loss()["val"]
+    result = trainer.train()
+    assert result["val_loss"] < start - 0.5
+    balance = [float(r["expert_balance"]) for r in read_rows(tmp_path / "run")]
+    assert len(balance) == 4 and all(1.0 <= b <= cfg.n_expert for b in balance)

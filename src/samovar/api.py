@@ -23,15 +23,16 @@ from .runtime import resolve_device, resolve_dtype
 from .tokenizer import Tokenizer
 
 
-def load(path: str | Path, device: str = "auto", dtype: str = "auto") -> tuple[Transformer, Tokenizer]:
-    """(model, tokenizer) from a checkpoint folder or a run folder (its latest checkpoint), in eval mode."""
+def load(path: str | Path, device: str = "auto", dtype: str = "auto") -> tuple[Transformer, Tokenizer | None]:
+    """(model, tokenizer) from a checkpoint folder or a run folder (its latest checkpoint), in eval mode.
+    The tokenizer is None when the folder has no tokenizer.json (an HF import without one)."""
     folder = ckpt.resolve_checkpoint(path)
     cfg = ModelConfig.load(folder / "config.json")
     dev = resolve_device(device)
     model = Transformer(cfg)
     ckpt.load_state_into(model, ckpt.load_weights(folder), str(folder))
     model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval()
-    tokenizer = Tokenizer.load(folder / "tokenizer.json")
+    tokenizer = Tokenizer.load(folder / "tokenizer.json") if (folder / "tokenizer.json").exists() else None
     return model, tokenizer
 
 
@@ -46,18 +47,19 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
 
 
 def stream_text(tokenizer: Tokenizer, ids: Iterator[int]) -> Iterator[str]:
-    """Text pieces from a stream of ids, holding back bytes that do not yet form a whole character."""
+    """Text pieces from a stream of ids, holding back bytes that do not yet form a whole character.
+    Special tokens (bos, eos, pad) are left out of the text, as HF's text-generation pipeline does."""
     out: list[int] = []
     sent = ""
     for i in ids:
         out.append(i)
-        text = tokenizer.decode(out)
+        text = tokenizer.decode(out, skip_special=True)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence (byte-level BPE): wait for more
             continue
         if len(text) > len(sent):
             yield text[len(sent):]
             sent = text
-    text = tokenizer.decode(out)
+    text = tokenizer.decode(out, skip_special=True)
     if len(text) > len(sent):
         yield text[len(sent):]
 
@@ -70,9 +72,11 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_tokens: 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, ignore_eos=ignore_eos)
     params.validate()
+    if tokenizer is None:
+        raise GenerationError("this checkpoint has no tokenizer.json; copy the model's tokenizer.json into it")
     ids = prompt_ids(tokenizer, prompt)
     stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    token_stream = Engine(model).generate(ids, params, stop_ids=stop)
+    token_stream = Engine(model, vocab_limit=tokenizer.vocab_size).generate(ids, params, stop_ids=stop)
     pieces = stream_text(tokenizer, token_stream)
     if stream:
         return pieces

@@ -34,9 +34,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .engine import GenerationError
     from .runtime import RuntimeConfigError
     from .tokenizer import TokenizerError
+    from .hf import HFError
     from .train import TrainingError
 
-    return (ConfigError, DataError, TokenizerError, CheckpointError, GenerationError,
+    return (ConfigError, HFError, DataError, TokenizerError, CheckpointError, GenerationError,
             RuntimeConfigError, TrainingError, DemoError, FileNotFoundError, PermissionError)
 
 
@@ -46,8 +47,14 @@ def cmd_presets(args) -> None:
           f"{'context':>8} {'vocab':>7}  parts")
     for name, cfg in PRESETS.items():
         heads = f"{cfg.n_head}/{cfg.kv_heads}" if cfg.kv_heads != cfg.n_head else str(cfg.n_head)
-        parts = f"{cfg.norm_placement}-{cfg.norm}, {cfg.position}, {cfg.mlp}" + \
-                (", tied" if cfg.tie_embeddings else "")
+        parts = [f"{cfg.norm_placement}-{cfg.norm}", cfg.position, cfg.mlp]
+        parts += ["latent attention"] if cfg.attention == "mla" else []
+        parts += [f"{cfg.n_expert_active} of {cfg.n_expert} experts"
+                  + (f" + {cfg.n_shared_expert} shared" if cfg.n_shared_expert else "")] if cfg.n_expert else []
+        parts += [f"window {cfg.sliding_window}"] if cfg.sliding_window else []
+        parts += ["qk-norm"] if cfg.qk_norm else []
+        parts += ["tied"] if cfg.tie_embeddings else []
+        parts = ", ".join(parts)
         print(f"{name:<16} {cfg.family:<10} {format_count(cfg.num_params()):>9}  {cfg.n_layer:>6} "
               f"{cfg.n_embd:>6} {heads:>7} {cfg.context_len:>8} {cfg.vocab_size:>7}  {parts}")
 
@@ -109,16 +116,17 @@ def parse_sets(pairs: list[str]) -> dict:
     return out
 
 
-def build_configs(preset: str | None, file_values: dict, sets: dict,
-                  data_vocab: int | None) -> tuple[ModelConfig, TrainConfig]:
-    """ModelConfig and TrainConfig from a preset, then the config file, then --set (last wins)."""
+def build_configs(preset: str | None, file_values: dict, sets: dict, data_vocab: int | None,
+                  base: ModelConfig | None = None) -> tuple[ModelConfig, TrainConfig]:
+    """ModelConfig and TrainConfig from a preset (or `base`, the config of --init-from), then the
+    config file, then --set (last wins)."""
     values = {**file_values, **sets}
     preset = values.pop("preset", None) or preset
     values.pop("data", None)
     values.pop("out", None)
-    if preset is None:
+    if base is None and preset is None:
         raise ConfigError("no model: give --preset NAME (see `samovar presets`) or preset = ... in --config")
-    model_cfg = get_preset(preset)
+    model_cfg = base if base is not None else get_preset(preset)
     model_changes, train_changes = {}, {}
     for key, value in values.items():
         if key in MODEL_KEYS:
@@ -127,7 +135,7 @@ def build_configs(preset: str | None, file_values: dict, sets: dict,
             train_changes[key] = parse_field_value(TrainConfig, key, value)
         else:
             raise ConfigError(f"unknown key {key!r}: not a field of ModelConfig or TrainConfig")
-    if "vocab_size" not in model_changes and data_vocab is not None:
+    if "vocab_size" not in model_changes and data_vocab is not None and base is None:
         model_changes["vocab_size"] = data_vocab  # the preset's shape, the data's vocabulary
     return model_cfg.replace(**model_changes), TrainConfig(**train_changes)
 
@@ -146,8 +154,13 @@ def cmd_train(args) -> None:
     if data is None:
         raise ConfigError("no data: give --data DIR (a folder made by `samovar prepare`)")
     vocab = TokenData.open(data).meta.get("vocab_size")
-    model_cfg, train_cfg = build_configs(args.preset, file_values, parse_sets(args.set), vocab)
-    trainer = Trainer(model_cfg, train_cfg, data, out, resume=bool(args.resume))
+    base = None
+    if args.init_from:
+        from .checkpoint import resolve_checkpoint
+
+        base = ModelConfig.load(resolve_checkpoint(args.init_from) / "config.json")
+    model_cfg, train_cfg = build_configs(args.preset, file_values, parse_sets(args.set), vocab, base)
+    trainer = Trainer(model_cfg, train_cfg, data, out, resume=bool(args.resume), init_from=args.init_from)
     print(f"model {format_count(trainer.model.num_params())} parameters on {trainer.device} "
           f"({str(trainer.dtype).removeprefix('torch.')}); run folder {out}"
           + (f", resuming at step {trainer.step}" if args.resume else ""))
@@ -171,6 +184,28 @@ def cmd_generate(args) -> None:
         sys.stdout.write("\n")
     else:
         print(args.prompt + generate(model, tokenizer, args.prompt, **kwargs))
+
+
+# ---- import / export ---------------------------------------------------------------------------------
+def cmd_import(args) -> None:
+    from .checkpoint import save_checkpoint
+    from .hf import import_hf
+
+    model, tokenizer = import_hf(args.folder)
+    save_checkpoint(args.out, model, tokenizer)
+    cfg = model.config
+    print(f"imported a {cfg.family} model, {format_count(model.num_params())} parameters"
+          + ("" if tokenizer else " (no tokenizer.json found: add one before generating)") + f" -> {args.out}")
+
+
+def cmd_export(args) -> None:
+    from .api import load
+    from .hf import export_hf
+
+    model, tokenizer = load(args.run, device="cpu", dtype="fp32")
+    export_hf(model, tokenizer, args.out)
+    print(f"exported {args.run} as a HuggingFace {json.loads((Path(args.out) / 'config.json').read_text())['model_type']}"
+          f" model -> {args.out}")
 
 
 # ---- demo --------------------------------------------------------------------------------------------
@@ -235,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any ModelConfig or TrainConfig field, e.g. --set n_layer=4 --set lr=3e-4")
     s.add_argument("--resume", metavar="RUN", help="continue RUN from its latest complete checkpoint")
+    s.add_argument("--init-from", metavar="RUN",
+                   help="start from the weights and config of RUN (fine-tuning; prepare the data with "
+                        "--tokenizer RUN/tokenizer.json)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("generate", help="generate text from a trained run")
@@ -249,6 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     _device_options(s)
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("import", help="import a local HuggingFace model folder as a samovar checkpoint")
+    s.add_argument("folder", help="a folder with config.json and model.safetensors (or pytorch_model.bin)")
+    s.add_argument("--out", required=True, help="the checkpoint folder to write")
+    s.set_defaults(func=cmd_import)
+
+    s = sub.add_parser("export", help="export a run as a HuggingFace model folder")
+    s.add_argument("run", help="a run folder or a checkpoint folder")
+    s.add_argument("--format", default="hf", choices=["hf"], help="hf: transformers' from_pretrained layout")
+    s.add_argument("--out", required=True, help="the folder to write")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("demo", help="download Shakespeare, train a small model, print a sample")
     s.add_argument("--minutes", type=float, default=8.0, help="training budget in minutes")

@@ -19,6 +19,15 @@ POSITIONS = ("learned", "rope", "none")
 MLPS = ("gelu", "relu", "relu2", "swiglu", "geglu")  # swiglu and geglu are gated: three matrices
 GELU_APPROX = ("none", "tanh")
 NORM_PLACEMENTS = ("pre", "post")
+ATTENTIONS = ("mha", "mla")  # mha covers multi-head, grouped-query and multi-query attention
+ROUTERS = ("softmax", "sigmoid")
+# rope_scaling: {"type": ..., and that type's keys}
+ROPE_SCALING_KEYS = {
+    "linear": {"factor"},
+    "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_context_len"},
+    "yarn": {"factor", "original_context_len", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+             "attention_factor"},
+}
 
 
 class ConfigError(ValueError):
@@ -47,14 +56,36 @@ class ModelConfig:
     # positions
     position: str = "learned"
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # e.g. {"type": "llama3", "factor": 32.0, ...}; see ROPE_SCALING_KEYS
     # attention
+    attention: str = "mha"
     attn_bias: bool = False  # biases of the q, k, v projections
     attn_out_bias: bool = False  # bias of the output projection
     sliding_window: int | None = None  # attend to at most this many most recent positions
+    # multi-head latent attention (attention="mla", DeepSeek-V2/V3)
+    q_lora_rank: int | None = None  # None: queries by one full projection
+    kv_lora_rank: int = 512
+    qk_rope_head_dim: int = 64  # the part of each query/key head that is rotated
+    qk_nope_head_dim: int = 128  # the part that is not
+    v_head_dim: int = 128
+    latent_norm_eps: float = 1e-6
     # feed-forward
     mlp: str = "gelu"
     gelu_approx: str = "none"
     mlp_bias: bool = False
+    # mixture of experts (n_expert > 0): every layer from n_dense_layers on routes each token to
+    # n_expert_active of n_expert gated MLPs of width expert_d_ff, plus n_shared_expert always-on ones
+    n_expert: int = 0
+    n_expert_active: int = 2
+    n_shared_expert: int = 0
+    expert_d_ff: int | None = None  # None: d_ff
+    n_dense_layers: int = 0
+    router: str = "softmax"  # softmax: Mixtral; sigmoid: DeepSeek-V3 (scores + balancing bias, groups)
+    router_norm_topk: bool = True  # renormalise the chosen experts' weights to sum to 1
+    routed_scale: float = 1.0
+    n_expert_group: int = 1  # sigmoid router: experts come from the n_expert_group_active best groups
+    n_expert_group_active: int = 1
+    aux_loss_coef: float = 0.0  # weight of the load-balancing loss added to the training loss
     # embeddings and head
     tie_embeddings: bool = False
     embed_scale: bool = False  # multiply token embeddings by sqrt(n_embd) (Gemma)
@@ -78,9 +109,29 @@ class ModelConfig:
     def ff_size(self) -> int:
         return 4 * self.n_embd if self.d_ff is None else self.d_ff
 
+    @property
+    def expert_ff_size(self) -> int:
+        return self.ff_size if self.expert_d_ff is None else self.expert_d_ff
+
+    @property
+    def rope_dim(self) -> int:
+        """How many dimensions of each query/key head are rotated."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.head_size
+
+    @property
+    def cache_shape(self) -> tuple[int, int, int]:
+        """(heads, key size, value size) of one position in the KV cache."""
+        if self.attention == "mla":
+            return self.n_head, self.qk_nope_head_dim + self.qk_rope_head_dim, self.v_head_dim
+        return self.kv_heads, self.head_size, self.head_size
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.n_expert > 0 and layer >= self.n_dense_layers
+
     def validate(self) -> None:
         for name, allowed in (("norm", NORMS), ("position", POSITIONS), ("mlp", MLPS),
-                              ("gelu_approx", GELU_APPROX), ("norm_placement", NORM_PLACEMENTS)):
+                              ("gelu_approx", GELU_APPROX), ("norm_placement", NORM_PLACEMENTS),
+                              ("attention", ATTENTIONS), ("router", ROUTERS)):
             value = getattr(self, name)
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
@@ -92,8 +143,23 @@ class ModelConfig:
                               "set head_dim to use heads of another size")
         if self.kv_heads < 1 or self.n_head % self.kv_heads:
             raise ConfigError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.kv_heads}")
-        if self.position == "rope" and self.head_size % 2:
-            raise ConfigError(f"rotary positions need an even head size, got {self.head_size}")
+        if self.position == "rope" and self.rope_dim % 2:
+            raise ConfigError(f"rotary positions need an even head size, got {self.rope_dim}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type") if isinstance(self.rope_scaling, dict) else None
+            if kind not in ROPE_SCALING_KEYS:
+                raise ConfigError(f"rope_scaling type {kind!r} is not one of {', '.join(ROPE_SCALING_KEYS)}")
+            extra = set(self.rope_scaling) - ROPE_SCALING_KEYS[kind] - {"type"}
+            if extra:
+                raise ConfigError(f"rope_scaling of type {kind} has unknown keys: {', '.join(sorted(extra))}")
+        if self.n_expert:
+            if not 1 <= self.n_expert_active <= self.n_expert:
+                raise ConfigError(f"n_expert_active={self.n_expert_active} must be in 1..n_expert={self.n_expert}")
+            if self.n_expert % self.n_expert_group or self.n_expert_group_active > self.n_expert_group:
+                raise ConfigError(f"{self.n_expert} experts cannot form {self.n_expert_group} groups "
+                                  f"of which {self.n_expert_group_active} are chosen")
+            if self.mlp not in ("swiglu", "geglu"):
+                raise ConfigError(f"experts are gated MLPs: use mlp=swiglu or geglu, not {self.mlp}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.sliding_window is not None and self.sliding_window < 1:
@@ -128,15 +194,28 @@ class ModelConfig:
     # ---- sizes ---------------------------------------------------------------------------------
     def num_params(self) -> int:
         """Parameter count, computed from the shapes alone (no tensors are allocated)."""
-        d, h, kv, hd, f = self.n_embd, self.n_head, self.kv_heads, self.head_size, self.ff_size
+        d, h, kv, hd = self.n_embd, self.n_head, self.kv_heads, self.head_size
         norm = d * (2 if self.norm == "layernorm" and self.norm_bias else 1)
-        attn = d * h * hd + 2 * d * kv * hd + h * hd * d
-        attn += (h * hd + 2 * kv * hd) * self.attn_bias + d * self.attn_out_bias
-        attn += 2 * hd * self.qk_norm
+        if self.attention == "mla":
+            qk, r = self.qk_nope_head_dim + self.qk_rope_head_dim, self.kv_lora_rank
+            q = d * h * qk if self.q_lora_rank is None else \
+                d * self.q_lora_rank + self.q_lora_rank * (1 + self.attn_bias) + self.q_lora_rank * h * qk
+            attn = q + d * (r + self.qk_rope_head_dim) + r + r * h * (self.qk_nope_head_dim + self.v_head_dim)
+            attn += (r + self.qk_rope_head_dim) * self.attn_bias + h * self.v_head_dim * d
+            attn += d * self.attn_out_bias
+        else:
+            attn = d * h * hd + 2 * d * kv * hd + h * hd * d
+            attn += (h * hd + 2 * kv * hd) * self.attn_bias + d * self.attn_out_bias
+            attn += 2 * hd * self.qk_norm
         gated = self.mlp in ("swiglu", "geglu")
-        mlp = (3 if gated else 2) * d * f + (((2 if gated else 1) * f + d) if self.mlp_bias else 0)
-        block = attn + mlp + 2 * norm
-        n = self.n_layer * block + self.vocab_size * d
+
+        def mlp(f: int) -> int:
+            return (3 if gated else 2) * d * f + (((2 if gated else 1) * f + d) if self.mlp_bias else 0)
+
+        moe = self.n_expert * (mlp(self.expert_ff_size) + d) + self.n_shared_expert * mlp(self.expert_ff_size)
+        n_moe = sum(self.is_moe_layer(i) for i in range(self.n_layer))
+        n = self.n_layer * (attn + 2 * norm) + (self.n_layer - n_moe) * mlp(self.ff_size) + n_moe * moe
+        n += self.vocab_size * d
         n += 0 if self.tie_embeddings else self.vocab_size * d
         n += self.context_len * d if self.position == "learned" else 0
         n += norm if self.norm_placement == "pre" else 0  # the final norm
@@ -174,7 +253,12 @@ def parse_field_value(cls, key: str, value):
             return float(value)
         if target is str:
             return str(value)
-    except (TypeError, ValueError):
+        if target is dict:
+            value = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return value
+    except (TypeError, ValueError):  # json.JSONDecodeError is a ValueError
         raise ConfigError(f"{key}={value!r} is not a valid {target.__name__}") from None
     return value
 
@@ -216,14 +300,53 @@ PRESETS: dict[str, ModelConfig] = {
         # https://huggingface.co/meta-llama/Llama-2-7b-hf/blob/main/config.json
         _llama(name="llama-2-7b", vocab_size=32000, context_len=4096, n_layer=32, n_head=32,
                n_embd=4096, d_ff=11008),
-        # https://huggingface.co/meta-llama/Llama-3.2-1B/blob/main/config.json (rope scaling aside)
+        # https://huggingface.co/meta-llama/Llama-3.2-1B/blob/main/config.json
         _llama(name="llama-3.2-1b", vocab_size=128256, context_len=131072, n_layer=16, n_head=32,
-               n_kv_head=8, n_embd=2048, d_ff=8192, rope_theta=500000.0, tie_embeddings=True,
-               norm_eps=1e-5),
+               n_kv_head=8, n_embd=2048, head_dim=64, d_ff=8192, rope_theta=500000.0, tie_embeddings=True,
+               rope_scaling={"type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_context_len": 8192}),
         _llama(name="llama", vocab_size=32000, context_len=2048, n_layer=22, n_head=32, n_kv_head=4,
                n_embd=2048, d_ff=5632),  # TinyLlama-1.1B's shape
         _llama(name="llama-tiny", vocab_size=512, context_len=64, n_layer=2, n_head=4, n_kv_head=2,
                n_embd=64, d_ff=176),
+        # https://huggingface.co/mistralai/Mistral-7B-v0.1/blob/main/config.json
+        _llama(name="mistral-7b", family="mistral", vocab_size=32000, context_len=32768, n_layer=32,
+               n_head=32, n_kv_head=8, n_embd=4096, d_ff=14336, sliding_window=4096),
+        _llama(name="mistral-tiny", family="mistral", vocab_size=512, context_len=64, n_layer=2, n_head=4,
+               n_kv_head=2, n_embd=64, d_ff=176, sliding_window=16),
+        # https://huggingface.co/mistralai/Mixtral-8x7B-v0.1/blob/main/config.json
+        _llama(name="mixtral-8x7b", family="mixtral", vocab_size=32000, context_len=32768, n_layer=32,
+               n_head=32, n_kv_head=8, n_embd=4096, d_ff=14336, rope_theta=1e6, n_expert=8,
+               n_expert_active=2, aux_loss_coef=0.02),
+        _llama(name="mixtral-tiny", family="mixtral", vocab_size=512, context_len=64, n_layer=2, n_head=4,
+               n_kv_head=2, n_embd=64, d_ff=128, n_expert=4, n_expert_active=2, aux_loss_coef=0.02),
+        # https://huggingface.co/google/gemma-2b/blob/main/config.json
+        _llama(name="gemma-2b", family="gemma", vocab_size=256000, context_len=8192, n_layer=18, n_head=8,
+               n_kv_head=1, n_embd=2048, head_dim=256, d_ff=16384, norm_eps=1e-6, mlp="geglu",
+               gelu_approx="tanh", norm_unit_offset=True, embed_scale=True, tie_embeddings=True),
+        _llama(name="gemma-tiny", family="gemma", vocab_size=512, context_len=64, n_layer=2, n_head=4,
+               n_kv_head=1, n_embd=64, head_dim=32, d_ff=256, norm_eps=1e-6, mlp="geglu",
+               gelu_approx="tanh", norm_unit_offset=True, embed_scale=True, tie_embeddings=True),
+        # https://huggingface.co/Qwen/Qwen3-0.6B/blob/main/config.json
+        _llama(name="qwen3-0.6b", family="qwen3", vocab_size=151936, context_len=40960, n_layer=28,
+               n_head=16, n_kv_head=8, n_embd=1024, head_dim=128, d_ff=3072, norm_eps=1e-6,
+               rope_theta=1e6, qk_norm=True, tie_embeddings=True),
+        _llama(name="qwen3-tiny", family="qwen3", vocab_size=512, context_len=64, n_layer=2, n_head=4,
+               n_kv_head=2, n_embd=64, head_dim=32, d_ff=192, norm_eps=1e-6, qk_norm=True, tie_embeddings=True),
+        # https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/config.json (without its
+        # multi-token-prediction layer, which HF transformers does not run either)
+        _llama(name="deepseek-v3", family="deepseek-v3", vocab_size=129280, context_len=163840, n_layer=61,
+               n_head=128, n_embd=7168, head_dim=192, d_ff=18432, norm_eps=1e-6, attention="mla",
+               q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+               n_expert=256, n_expert_active=8, n_shared_expert=1, expert_d_ff=2048, n_dense_layers=3,
+               router="sigmoid", routed_scale=2.5, n_expert_group=8, n_expert_group_active=4,
+               rope_scaling={"type": "yarn", "factor": 40.0, "original_context_len": 4096, "beta_fast": 32,
+                             "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),
+        _llama(name="deepseek-v3-tiny", family="deepseek-v3", vocab_size=512, context_len=64, n_layer=3,
+               n_head=4, n_embd=64, head_dim=24, d_ff=128, norm_eps=1e-6, attention="mla", q_lora_rank=32,
+               kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_expert=8,
+               n_expert_active=2, n_shared_expert=1, expert_d_ff=32, n_dense_layers=1, router="sigmoid",
+               routed_scale=2.5, n_expert_group=4, n_expert_group_active=2),
         # A small DeepSeek-style decoder (RMSNorm + RoPE + SwiGLU) with GPT-2's vocabulary, the kind of
         # ~60M model that fits a laptop; not a published checkpoint.
         _llama(name="deepseek-60m", family="deepseek", vocab_size=50257, context_len=1024, n_layer=10,

@@ -62,9 +62,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 class Engine:
     """Generates token ids from a Transformer; works on ids only (text is the caller's business)."""
 
-    def __init__(self, model):
+    def __init__(self, model, vocab_limit: int | None = None):
+        """vocab_limit: never produce ids at or above it (a vocabulary padded past its tokenizer's)."""
         self.model = model
         self.context_len = model.config.context_len
+        self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < model.config.vocab_size else None
 
     def _device(self):
         return next(self.model.parameters()).device
@@ -110,4 +112,7 @@ class Engine:
 
     def _forward(self, ids, cache, device):
         idx = torch.tensor([ids], dtype=torch.long, device=device)
-        return self.model(idx, kv_cache=cache)[:, -1, :]  # (1, V)
+        logits = self.model(idx, kv_cache=cache)[:, -1, :]  # (1, V)
+        if self.vocab_limit is not None:
+            logits[:, self.vocab_limit:] = float("-inf")
+        return logits

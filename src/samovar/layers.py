@@ -59,20 +59,72 @@ class Rotary(nn.Module):
     """Rotary position embedding tables (Su et al.), in the "rotate half" layout of HF LLaMA.
 
     The head is split into two halves [x1, x2]; pair i is (x1[i], x2[i]) and is rotated by the angle
-    position * theta^(-2i/D). (The original paper pairs neighbours (x[2i], x[2i+1]); the two layouts
-    differ only by a permutation of the q and k weights.)
+    position * inv_freq[i], inv_freq[i] = theta^(-2i/D). (The original paper pairs neighbours
+    (x[2i], x[2i+1]); the two layouts differ only by a permutation of the q and k weights, which
+    hf.py applies when it imports a model that uses the other one.)
     """
 
-    def __init__(self, head_dim: int, max_len: int, theta: float):
+    def __init__(self, dim: int, max_len: int, theta: float, scaling: dict | None = None):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        inv_freq, attention_factor = rope_frequencies(dim, theta, scaling)
         angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, D/2)
         angles = torch.cat([angles, angles], dim=-1)  # (max_len, D), the same angle for both halves
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("cos", angles.cos() * attention_factor, persistent=False)
+        self.register_buffer("sin", angles.sin() * attention_factor, persistent=False)
 
     def forward(self, start: int, length: int):
         return self.cos[start:start + length], self.sin[start:start + length]
+
+
+def rope_frequencies(dim: int, theta: float, scaling: dict | None = None) -> tuple[torch.Tensor, float]:
+    """inv_freq (dim/2,) and the factor cos and sin are multiplied by, for plain RoPE and its
+    context-extension variants: linear (position interpolation), llama3 (Llama 3.1's piecewise
+    rescaling of low frequencies) and yarn (Peng et al. 2023, used by DeepSeek-V3)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if scaling is None:
+        return inv_freq, 1.0
+    kind, factor = scaling["type"], scaling["factor"]
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    old_len = scaling["original_context_len"]
+    if kind == "llama3":
+        low_wavelen = old_len / scaling["low_freq_factor"]
+        high_wavelen = old_len / scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)  # long waves: / factor
+        smooth = (old_len / wavelen - scaling["low_freq_factor"]) / (
+            scaling["high_freq_factor"] - scaling["low_freq_factor"])
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)  # in between: interpolate
+        return torch.where(medium, smoothed, scaled), 1.0
+    # yarn: interpolate low frequencies, keep high ones, ramp between the dims that turn
+    # beta_slow and beta_fast times over the original context
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(scaling.get("beta_fast") or 32)), 0)
+    high = min(math.ceil(correction_dim(scaling.get("beta_slow") or 1)), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate (divide by factor)
+    return inv_freq / factor * (1 - keep) + inv_freq * keep, float(attention_factor)
+
+
+def softmax_scale(cfg: ModelConfig, head_dim: int) -> float:
+    """1/sqrt(head_dim), times yarn's mscale^2 where DeepSeek applies it to the attention logits."""
+    scale = head_dim ** -0.5
+    s = cfg.rope_scaling
+    if s is not None and s["type"] == "yarn" and s.get("mscale_all_dim"):
+        m = 0.1 * s["mscale_all_dim"] * math.log(s["factor"]) + 1.0 if s["factor"] > 1 else 1.0
+        scale *= m * m
+    return scale
 
 
 def apply_rotary(x, cos, sin):
@@ -91,9 +143,9 @@ class KVCache:
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None):
-        shape = (cfg.n_layer, batch_size, cfg.kv_heads, max_len, cfg.head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        heads, k_dim, v_dim = cfg.cache_shape
+        self.k = torch.zeros((cfg.n_layer, batch_size, heads, max_len, k_dim), device=device, dtype=dtype)
+        self.v = torch.zeros((cfg.n_layer, batch_size, heads, max_len, v_dim), device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
 
@@ -121,6 +173,7 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_size
         self.sliding_window = cfg.sliding_window
         self.dropout = cfg.dropout
+        self.scale = softmax_scale(cfg, cfg.head_size)
         C, H, K, D = cfg.n_embd, self.n_head, self.n_kv_head, self.head_dim
         self.q_proj = nn.Linear(C, H * D, bias=cfg.attn_bias)
         self.k_proj = nn.Linear(C, K * D, bias=cfg.attn_bias)
@@ -141,30 +194,85 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        start = 0
-        if kv_cache is not None:
-            start = kv_cache.pos
-            k, v = kv_cache.update(self.layer, k, v)  # (B, K, S, D) with S = start + T
-        mask = self._mask(T, start, k.size(2), x.device)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=K != H)
+        y = attend(self, q, k, v, kv_cache)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H * D)
         return self.resid_dropout(self.out_proj(y))
 
-    def _mask(self, T: int, start: int, S: int, device):
-        """None when plain causal attention does (SDPA's fast path); else a (T, S) boolean mask."""
-        window = self.sliding_window
-        if start == 0 and (window is None or window >= S):
-            return None  # no cache history: is_causal (or nothing at all for T == 1)
-        if T == 1 and (window is None or window >= S):
-            return None  # one new token sees every cached position
-        q_pos = torch.arange(start, start + T, device=device)[:, None]
-        k_pos = torch.arange(S, device=device)[None, :]
-        allowed = k_pos <= q_pos
-        if window is not None:
-            allowed &= q_pos - k_pos < window
-        return allowed
+
+def attend(attn: nn.Module, q, k, v, kv_cache: KVCache | None):
+    """Causal (optionally sliding-window) attention of q (B, H, T, D) over k, v (B, K, T, D) and,
+    when a cache is given, every position cached before them."""
+    T, start = q.size(2), 0
+    if kv_cache is not None:
+        start = kv_cache.pos
+        k, v = kv_cache.update(attn.layer, k, v)  # (B, K, S, D) with S = start + T
+    mask = causal_mask(T, start, k.size(2), attn.sliding_window, q.device)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=attn.scale,
+        dropout_p=attn.dropout if attn.training else 0.0, enable_gqa=k.size(1) != q.size(1))
+
+
+def causal_mask(T: int, start: int, S: int, window: int | None, device):
+    """None when plain causal attention does (SDPA's fast path); else a (T, S) boolean mask."""
+    if window is None or window >= S:
+        if start == 0 or T == 1:
+            return None  # no history: is_causal; one new token: it sees every cached position
+    q_pos = torch.arange(start, start + T, device=device)[:, None]
+    k_pos = torch.arange(S, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= q_pos - k_pos < window
+    return allowed
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2, V3): keys and values are expanded from a small
+    latent (kv_lora_rank wide) shared by all heads; each query/key head is a part without positions
+    (qk_nope_head_dim) joined to a rotated part (qk_rope_head_dim), whose key is shared by all heads.
+
+    The cache holds the expanded per-head keys and values (simple, not the memory-saving latent).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.sliding_window, self.dropout = cfg.n_head, cfg.sliding_window, cfg.dropout
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.rank = cfg.kv_lora_rank
+        self.scale = softmax_scale(cfg, self.nope + self.rope)
+        C, H, QK = cfg.n_embd, cfg.n_head, self.nope + self.rope
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(C, H * QK, bias=False)
+        else:  # queries through their own low-rank bottleneck
+            self.q_down = nn.Linear(C, cfg.q_lora_rank, bias=cfg.attn_bias)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.latent_norm_eps)
+            self.q_up = nn.Linear(cfg.q_lora_rank, H * QK, bias=False)
+        self.kv_down = nn.Linear(C, self.rank + self.rope, bias=cfg.attn_bias)
+        self.kv_norm = RMSNorm(self.rank, cfg.latent_norm_eps)
+        self.kv_up = nn.Linear(self.rank, H * (self.nope + self.v_dim), bias=False)
+        self.out_proj = nn.Linear(H * self.v_dim, C, bias=cfg.attn_out_bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, kv_cache: KVCache | None = None):
+        B, T, _ = x.shape
+        H = self.n_head
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_up(self.q_norm(self.q_down(x)))
+        q = q.view(B, T, H, self.nope + self.rope).transpose(1, 2)  # (B, H, T, nope + rope)
+        q_nope, q_rot = q.split([self.nope, self.rope], dim=-1)
+        latent, k_rot = self.kv_down(x).split([self.rank, self.rope], dim=-1)  # (B, T, rank), (B, T, rope)
+        kv = self.kv_up(self.kv_norm(latent)).view(B, T, H, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # (B, H, T, nope), (B, H, T, v_dim)
+        k_rot = k_rot.view(B, 1, T, self.rope)  # one rotated key part, shared by every head
+        cos, sin = rope
+        q = torch.cat([q_nope, apply_rotary(q_rot, cos, sin)], dim=-1)
+        k = torch.cat([k_nope, apply_rotary(k_rot, cos, sin).expand(B, H, T, self.rope)], dim=-1)
+        y = attend(self, q, k, v, kv_cache)  # (B, H, T, v_dim)
+        y = y.transpose(1, 2).reshape(B, T, H * self.v_dim)
+        return self.resid_dropout(self.out_proj(y))
+
+
+def make_attention(cfg: ModelConfig, layer: int) -> nn.Module:
+    return LatentAttention(cfg, layer) if cfg.attention == "mla" else Attention(cfg, layer)
 
 
 # ---- feed-forward ----------------------------------------------------------------------------------
@@ -181,10 +289,10 @@ def _activation(cfg: ModelConfig):
 class MLP(nn.Module):
     """down(act(up(x))): GPT's feed-forward with GELU, ReLU or ReLU^2."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, d_ff: int):
         super().__init__()
-        self.up_proj = nn.Linear(cfg.n_embd, cfg.ff_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.ff_size, cfg.n_embd, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.n_embd, d_ff, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(d_ff, cfg.n_embd, bias=cfg.mlp_bias)
         self.act = _activation(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -195,11 +303,11 @@ class MLP(nn.Module):
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU (act = SiLU) and GeGLU (act = GELU), Shazeer 2020."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, d_ff: int):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.n_embd, cfg.ff_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.n_embd, cfg.ff_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.ff_size, cfg.n_embd, bias=cfg.mlp_bias)
+        self.gate_proj = nn.Linear(cfg.n_embd, d_ff, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.n_embd, d_ff, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(d_ff, cfg.n_embd, bias=cfg.mlp_bias)
         self.act = _activation(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -210,8 +318,89 @@ class GatedMLP(nn.Module):
 MLPS = {"gelu": MLP, "relu": MLP, "relu2": MLP, "swiglu": GatedMLP, "geglu": GatedMLP}
 
 
-def make_mlp(cfg: ModelConfig) -> nn.Module:
-    return MLPS[cfg.mlp](cfg)
+# ---- mixture of experts ----------------------------------------------------------------------------
+class Router(nn.Module):
+    """Picks n_expert_active experts per token and their weights.
+
+    softmax (Mixtral): the top-k of softmax(logits), renormalised to sum to 1.
+    sigmoid (DeepSeek-V3): scores = sigmoid(logits); a balancing bias (not a gradient-trained
+    parameter) shifts which experts are chosen, within the best n_expert_group_active groups (a group
+    is ranked by its two best scores), but the weights are the unbiased scores, optionally
+    renormalised, times routed_scale.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_expert, cfg.n_embd))
+        self.register_buffer("bias", torch.zeros(cfg.n_expert) if cfg.router == "sigmoid" else None)
+
+    def forward(self, x):  # x: (N, C) -> logits (N, E), weights (N, k), experts (N, k)
+        cfg, k = self.cfg, self.cfg.n_expert_active
+        logits = F.linear(x.float(), self.weight.float())
+        if cfg.router == "softmax":
+            weights, experts = logits.softmax(dim=-1).topk(k, dim=-1)
+        else:
+            scores = logits.sigmoid()
+            choice = scores + self.bias
+            if cfg.n_expert_group > 1:
+                groups = choice.view(len(x), cfg.n_expert_group, -1)  # (N, G, E / G)
+                best = groups.topk(2, dim=-1).values.sum(dim=-1).topk(cfg.n_expert_group_active, dim=-1).indices
+                keep = torch.zeros_like(groups[..., 0]).scatter_(1, best, 1.0).bool()  # (N, G)
+                choice = choice.masked_fill(~keep.repeat_interleave(groups.size(-1), dim=1), float("-inf"))
+            experts = choice.topk(k, dim=-1, sorted=False).indices
+            weights = scores.gather(1, experts)
+        if cfg.router_norm_topk:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return logits, weights * cfg.routed_scale, experts
+
+
+class MoE(nn.Module):
+    """Sparse mixture of gated-MLP experts with dropless dispatch: every token goes to its chosen
+    experts, whose outputs are summed with the router's weights; shared experts see every token.
+
+    After each forward pass `router_logits` (N, E) and `expert_load` (E,) (tokens per expert) are
+    kept for the load-balancing loss and the usage statistics.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.router = Router(cfg)
+        self.experts = nn.ModuleList(GatedMLP(cfg, cfg.expert_ff_size) for _ in range(cfg.n_expert))
+        self.shared = GatedMLP(cfg, cfg.expert_ff_size * cfg.n_shared_expert) if cfg.n_shared_expert else None
+        self.router_logits = None
+        self.expert_load = None
+
+    def forward(self, x):
+        B, T, C = x.shape
+        flat = x.reshape(-1, C)  # (N, C)
+        logits, weights, chosen = self.router(flat)  # (N, E), (N, k), (N, k)
+        self.router_logits = logits
+        self.expert_load = torch.bincount(chosen.flatten(), minlength=len(self.experts))
+        y = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = (chosen == e).nonzero(as_tuple=True)
+            if token.numel():
+                y.index_add_(0, token, expert(flat[token]) * weights[token, slot, None].to(flat.dtype))
+        if self.shared is not None:
+            y = y + self.shared(flat)
+        return y.view(B, T, C)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss over all MoE layers, as HF Mixtral computes it:
+    E * sum_e(fraction of routing slots given to e * mean router probability of e)."""
+    logits = torch.cat(router_logits, dim=0)  # (layers * N, E)
+    probs = logits.softmax(dim=-1)
+    chosen = probs.topk(top_k, dim=-1).indices
+    slots = torch.zeros_like(probs).scatter_(1, chosen, 1.0)  # (rows, E), top_k ones per row
+    return probs.size(-1) * (slots.mean(dim=0) * probs.mean(dim=0)).sum()
+
+
+def make_mlp(cfg: ModelConfig, layer: int) -> nn.Module:
+    if cfg.is_moe_layer(layer):
+        return MoE(cfg)
+    return MLPS[cfg.mlp](cfg, cfg.ff_size)
 
 
 def init_std_for_residual(cfg: ModelConfig) -> float:

@@ -15,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .layers import (Attention, KVCache, LayerNorm, RMSNorm, Rotary, init_std_for_residual, make_mlp,
-                     make_norm)
+from .layers import (KVCache, LayerNorm, MoE, RMSNorm, Rotary, Router, init_std_for_residual,
+                     load_balancing_loss, make_attention, make_mlp, make_norm)
 
 
 class Block(nn.Module):
@@ -24,9 +24,9 @@ class Block(nn.Module):
         super().__init__()
         self.pre_norm = cfg.norm_placement == "pre"
         self.attn_norm = make_norm(cfg)
-        self.attn = Attention(cfg, layer)
+        self.attn = make_attention(cfg, layer)
         self.mlp_norm = make_norm(cfg)
-        self.mlp = make_mlp(cfg)
+        self.mlp = make_mlp(cfg, layer)  # an MLP, or a mixture of experts
 
     def forward(self, x, rope=None, kv_cache=None):
         if self.pre_norm:
@@ -44,7 +44,7 @@ class Transformer(nn.Module):
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.context_len, cfg.n_embd) if cfg.position == "learned" else None
-        self.rotary = (Rotary(cfg.head_size, cfg.context_len, cfg.rope_theta)
+        self.rotary = (Rotary(cfg.rope_dim, cfg.context_len, cfg.rope_theta, cfg.rope_scaling)
                        if cfg.position == "rope" else None)
         self.emb_dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
@@ -56,7 +56,8 @@ class Transformer(nn.Module):
 
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None, loss_mask=None):
         """Logits (B, T, vocab_size); or, when targets (B, T) are given, the mean cross-entropy loss
-        over the positions where loss_mask (B, T) is true (all positions when it is None)."""
+        over the positions where loss_mask (B, T) is true (all positions when it is None), plus
+        aux_loss_coef times the experts' load-balancing loss in a mixture-of-experts model."""
         B, T = idx.shape
         start = 0 if kv_cache is None else kv_cache.pos
         if start + T > self.config.context_len:
@@ -78,7 +79,17 @@ class Transformer(nn.Module):
         logits = self.lm_head(x).float()
         if loss_mask is not None:
             targets = targets.masked_fill(~loss_mask.bool(), -100)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        if self.config.n_expert and self.config.aux_loss_coef:
+            loss = loss + self.config.aux_loss_coef * self.aux_loss()
+        return loss
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
+
+    def aux_loss(self) -> torch.Tensor:
+        """The load-balancing loss of the last forward pass over all MoE layers."""
+        return load_balancing_loss([m.router_logits for m in self.moe_layers()], self.config.n_expert_active)
 
     # ---- initialisation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -99,7 +110,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
+            elif isinstance(module, (nn.Embedding, Router)):
                 nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std)
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(0.0 if module.unit_offset else 1.0)
@@ -119,5 +130,6 @@ class Transformer(nn.Module):
         return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * cfg.context_len
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty cache for `batch_size` sequences, on the model's device and in its dtype."""
         p = self.tok_emb.weight
         return KVCache(self.config, batch_size, max_len or self.config.context_len, p.device, p.dtype)

@@ -31,8 +31,10 @@ from .config import ConfigError, ModelConfig
 from .data import TokenData
 from .model import Transformer
 from .runtime import autocast, resolve_device, resolve_dtype, seed_everything
+from .tokenizer import Tokenizer
 
-METRIC_COLUMNS = ["step", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "tokens", "elapsed_s"]
+METRIC_COLUMNS = ["step", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "tokens", "elapsed_s",
+                  "expert_balance"]
 
 
 @dataclass
@@ -108,7 +110,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 
 class Trainer:
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, data: str | Path, out: str | Path,
-                 resume: bool = False, progress: bool | None = None):
+                 resume: bool = False, progress: bool | None = None, init_from: str | Path | None = None):
         self.cfg = cfg
         self.out = Path(out)
         self.data = TokenData.open(data)
@@ -132,6 +134,8 @@ class Trainer:
         if resume:
             self._resume()
         else:
+            if init_from is not None:
+                self._init_from(init_from)
             self._start_run_folder(model_cfg)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
 
@@ -149,6 +153,22 @@ class Trainer:
     def _save_train_config(self) -> None:
         record = {**self.cfg.to_dict(), "data": str(self.data.folder)}
         ckpt.atomic_write_text(self.out / "train_config.json", json.dumps(record, indent=2) + "\n")
+
+    def _init_from(self, run: str | Path) -> None:
+        """Start from another run's (or an imported model's) weights: fine-tuning."""
+        folder = ckpt.resolve_checkpoint(run)
+        saved = ModelConfig.load(folder / "config.json")
+        free = ("dropout", "name", "family", "aux_loss_coef")
+        shape_fields = [f for f in ModelConfig.__dataclass_fields__ if f not in free]
+        changed = [f for f in shape_fields if getattr(saved, f) != getattr(self.model.config, f)]
+        if changed:
+            raise ConfigError(f"--init-from {run}: the model's {', '.join(changed)} cannot change "
+                              "(only dropout can)")
+        if (folder / "tokenizer.json").exists() and \
+                Tokenizer.load(folder).hf.to_str() != self.tokenizer.hf.to_str():
+            raise ConfigError(f"the data was tokenized with another tokenizer than {folder}'s; prepare it "
+                              f"with --tokenizer {folder / 'tokenizer.json'}")
+        ckpt.load_state_into(self.model, ckpt.load_weights(folder, self.device), str(folder))
 
     def _resume(self) -> None:
         folder = ckpt.resolve_checkpoint(self.out)
@@ -267,7 +287,8 @@ class Trainer:
                 row = {"step": self.step, "loss": round(loss_sum, 5), "lr": f"{lr:.3e}",
                        "grad_norm": None if grad_norm is None else round(grad_norm, 4),
                        "tokens_per_s": round(tps, 1), "tokens": self.tokens_seen,
-                       "elapsed_s": round(self.elapsed + now - session_start, 2)}
+                       "elapsed_s": round(self.elapsed + now - session_start, 2),
+                       "expert_balance": self.expert_balance()}
                 bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
             if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
                 stop = self._evaluate(row, bar)
@@ -289,6 +310,15 @@ class Trainer:
         self.plot()
         return {"step": self.step, "stop_reason": stop_reason, "best_val_loss": self.best_val,
                 "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed, **self.last_eval}
+
+    def expert_balance(self) -> float | None:
+        """For a mixture of experts: the busiest expert's share of the last batch's routing slots over
+        the mean share, averaged over MoE layers (1.0 is perfectly balanced; n_expert means collapse)."""
+        layers = self.model.moe_layers()
+        if not layers:
+            return None
+        ratios = [(m.expert_load.max() / m.expert_load.float().mean()).item() for m in layers]
+        return round(sum(ratios) / len(ratios), 3)
 
     def _evaluate(self, row: dict | None, bar) -> str | None:
         losses = self.estimate_loss()
