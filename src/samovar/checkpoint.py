@@ -76,20 +76,25 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors for safetensors: contiguous, and a tied lm_head stored once (as tok_emb)."""
+    return state_for_saving(model, None)
+
+
+def state_for_saving(model: torch.nn.Module, state: dict | None) -> dict[str, torch.Tensor]:
     tied = getattr(model.config, "tie_embeddings", False)
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items()
-            if not (tied and k == "lm_head.weight")}
+    state = model.state_dict() if state is None else state
+    return {k: v.detach().cpu().contiguous() for k, v in state.items() if not (tied and k == "lm_head.weight")}
 
 
 def save_checkpoint(folder: str | Path, model, tokenizer, trainer_state: dict | None = None,
-                    optimizer_state: dict | None = None) -> Path:
-    """Write a complete checkpoint folder at `folder`, atomically replacing any older one there."""
+                    optimizer_state: dict | None = None, model_state: dict | None = None) -> Path:
+    """Write a complete checkpoint folder at `folder`, atomically replacing any older one there.
+    `model_state` overrides the model's own state dict (the gathered one of a sharded model)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-"))
     try:
         tmp.chmod(0o777 & ~_umask())
-        save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file(state_for_saving(model, model_state), str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         if tokenizer is not None:
             (tmp / "tokenizer.json").write_text(tokenizer.hf.to_str(pretty=True))
@@ -113,6 +118,22 @@ def save_checkpoint(folder: str | Path, model, tokenizer, trainer_state: dict | 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Rename, then delete: a crash mid-way leaves a hidden folder, never a half-deleted checkpoint."""
+    trash = folder.with_name(f".del-{folder.name}")
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_stale_temp_folders(run: str | Path) -> None:
+    """Leftovers of a crash during a save or a prune."""
+    root = Path(run) / CHECKPOINTS
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((".tmp-", ".old-", ".del-")):
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def list_checkpoints(run: str | Path) -> list[Path]:

@@ -197,13 +197,14 @@ class TokenData:
                 raise DataError(f"{split}.bin has {n} tokens, fewer than one context of "
                                 f"{context_len} + 1; use a longer corpus or a shorter context_len")
 
-    def batch(self, split: str, batch_size: int, context_len: int, generator: torch.Generator):
-        """Random windows (nanoGPT): x = tokens[i:i+T], y = tokens[i+1:i+T+1], as int64 (B, T)."""
+    def batch(self, split: str, batch_size: int, context_len: int, generator: torch.Generator,
+              rows: slice = slice(None)):
+        """Random windows (nanoGPT): x = tokens[i:i+T], y = tokens[i+1:i+T+1], as int64 (B, T).
+        All B window starts are drawn, but only `rows` of them are read (a rank's share of a batch)."""
         data = self.train if split == "train" else self.val
-        starts = torch.randint(len(data) - context_len, (batch_size,), generator=generator)
-        x = np.stack([data[i:i + context_len] for i in starts.tolist()]).astype(np.int64)
-        y = np.stack([data[i + 1:i + 1 + context_len] for i in starts.tolist()]).astype(np.int64)
-        return torch.from_numpy(x), torch.from_numpy(y)
+        starts = torch.randint(len(data) - context_len, (batch_size,), generator=generator)[rows].tolist()
+        window = np.stack([data[i:i + context_len + 1] for i in starts]).astype(np.int64)
+        return torch.from_numpy(window[:, :-1]), torch.from_numpy(window[:, 1:])
 
     def sequential_batches(self, split: str, batch_size: int, context_len: int):
         """Every token of a split once, in non-overlapping windows (for whole-split evaluation)."""

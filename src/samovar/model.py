@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .config import ModelConfig
 from .layers import (KVCache, LayerNorm, MoE, RMSNorm, Rotary, Router, init_std_for_residual,
@@ -52,6 +53,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.activation_checkpointing = False  # a training option, set by the Trainer
         self.reset_parameters()
 
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None, loss_mask=None):
@@ -70,7 +72,10 @@ class Transformer(nn.Module):
         x = self.emb_dropout(x)
         rope = self.rotary(start, T) if self.rotary is not None else None
         for block in self.blocks:
-            x = block(x, rope, kv_cache)
+            if self.activation_checkpointing and self.training:  # recompute in backward, save memory
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, kv_cache, use_reentrant=False)
+            else:
+                x = block(x, rope, kv_cache)
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.final_norm(x)

@@ -87,3 +87,63 @@ def print0(*args, **kwargs) -> None:
 
 def eprint(*args) -> None:
     print(*args, file=sys.stderr)
+
+
+# ---- distributed (torchrun) --------------------------------------------------------------------------
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    def __init__(self, rank: int = 0, local_rank: int = 0, world_size: int = 1):
+        self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_mean(self, values: list[float], device) -> list[float]:
+        """The mean over ranks of each value (identity for one process)."""
+        if not self.enabled:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return (t / self.world_size).tolist()
+
+    def any(self, flag: bool, device) -> bool:
+        """True on every rank when it is true on some rank (so that all ranks stop together)."""
+        if not self.enabled:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
+    """Join the torchrun process group when WORLD_SIZE > 1: nccl on CUDA (one GPU per local rank),
+    gloo on the CPU. Without torchrun, one process on `device_name`."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world == 1:
+        return Dist(), device
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, local, world), device

@@ -5,6 +5,11 @@ One optimizer step:
     grad_accum x (batch -> forward under autocast -> loss / grad_accum -> backward)
     clip the gradient norm -> AdamW step (no weight decay on norms, biases and embeddings' gains)
 
+Under torchrun the model is wrapped in DistributedDataParallel (or sharded with FSDP2) and each rank
+takes its share of every step's rows (whole micro-batches when grad_accum divides by the world size,
+else a slice of each micro-batch's rows), so the global batch, and the loss curve, are those of one
+process with the same config. Only rank 0 writes checkpoints, metrics and plots.
+
 Every eval_interval steps the loss is estimated on train and val; early stopping looks at those
 numbers. Every checkpoint_interval steps (and at the end) a checkpoint folder is written atomically.
 The batch of step s is drawn from a generator seeded by (seed, s), so a resumed run sees exactly the
@@ -13,12 +18,13 @@ batches an uninterrupted run would have seen; the dropout RNG is saved with the 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
 import json
 import math
-import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,10 +36,10 @@ from . import checkpoint as ckpt
 from .config import ConfigError, ModelConfig
 from .data import TokenData
 from .model import Transformer
-from .runtime import autocast, resolve_device, resolve_dtype, seed_everything
+from .runtime import Dist, autocast, init_distributed, resolve_dtype, seed_everything
 from .tokenizer import Tokenizer
 
-METRIC_COLUMNS = ["step", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "tokens", "elapsed_s",
+METRIC_COLUMNS = ["step", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens", "elapsed_s",
                   "expert_balance"]
 
 
@@ -60,8 +66,11 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     seed: int = 1337
     device: str = "auto"
-    dtype: str = "auto"
-    compile: bool = False
+    dtype: str = "auto"  # auto: fp32 on CPU (bf16 there is ~100x slower without native support), bf16 on CUDA
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more time
+    strategy: str = "ddp"  # under torchrun: ddp (replicate) or fsdp (FSDP2: shard parameters and state)
+    peak_flops: float | None = None  # for MFU; None: measured with a matmul at start-up
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_steps", "log_interval"):
@@ -71,6 +80,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ConfigError(f"strategy must be ddp or fsdp, got {self.strategy!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -108,6 +119,34 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
                              foreach=None if fused else True)
 
 
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
+    """The machine's matmul throughput (FLOP/s) in `dtype`: the denominator of MFU."""
+    n = 1024
+    g = torch.Generator(device=device).manual_seed(0)  # leave the global RNG (dropout) untouched
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    a @ b  # warm up
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * count / (time.perf_counter() - start)
+
+
+def split_batch(cfg: TrainConfig, world: Dist) -> tuple[list[int], slice]:
+    """This rank's micro-batch indices and rows of each step's batch_size x grad_accum rows."""
+    W, r = world.world_size, world.rank
+    if cfg.grad_accum % W == 0:
+        return list(range(r, cfg.grad_accum, W)), slice(None)
+    if cfg.batch_size % W == 0:
+        share = cfg.batch_size // W
+        return list(range(cfg.grad_accum)), slice(r * share, (r + 1) * share)
+    raise ConfigError(f"a step of batch_size={cfg.batch_size} x grad_accum={cfg.grad_accum} cannot be split "
+                      f"evenly over {W} processes: make one of them a multiple of {W}")
+
+
 class Trainer:
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, data: str | Path, out: str | Path,
                  resume: bool = False, progress: bool | None = None, init_from: str | Path | None = None):
@@ -119,29 +158,67 @@ class Trainer:
         if self.tokenizer.vocab_size > model_cfg.vocab_size:
             raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} tokens, more than the "
                               f"model's vocab_size={model_cfg.vocab_size}")
-        self.device = resolve_device(cfg.device)
+        self.dist, self.device = init_distributed(cfg.device)
+        self.micros, self.rows = split_batch(cfg, self.dist)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        self.progress = progress
-        seed_everything(cfg.seed)
+        self.progress = progress if self.dist.is_main else False
+        seed_everything(cfg.seed)  # the same initial weights on every rank
         self.model = Transformer(model_cfg).to(self.device)
-        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.model.activation_checkpointing = cfg.activation_checkpointing
         self.step = 0
         self.tokens_seen = 0
         self.elapsed = 0.0  # training seconds of earlier sessions of this run
         self.best_val = math.inf
         self.bad_evals = 0
         self.last_eval: dict = {}
-        if resume:
-            self._resume()
+        rng_states = None
+        if resume and ckpt.list_checkpoints(self.out):
+            rng_states = self._resume()
         else:
+            if resume and not (self.out / "config.json").exists():
+                raise ckpt.CheckpointError(f"{self.out} is not a run folder: nothing to resume")
             if init_from is not None:
                 self._init_from(init_from)
-            self._start_run_folder(model_cfg)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+            if self.dist.is_main:
+                self._start_run_folder(model_cfg, fresh=not resume)
+            self.dist.barrier()
+        self.forward = self._parallelize(self.model)
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        if rng_states is not None:
+            self._restore_optimizer_and_rng(rng_states)
+        else:
+            torch.manual_seed(cfg.seed + self.dist.rank)  # dropout differs between ranks, as it should
+        self.peak_flops = cfg.peak_flops
+        self.writer = self._tensorboard()
+
+    def _parallelize(self, model):
+        """DDP or FSDP2 under torchrun (applied from outside: the model stays plain), then compile."""
+        if self.dist.enabled and self.cfg.strategy == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.blocks:
+                fully_shard(block)
+            fully_shard(model)
+        forward = model
+        if self.dist.enabled and self.cfg.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            forward = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                              else None)
+        return torch.compile(forward) if self.cfg.compile else forward
+
+    def _tensorboard(self):
+        if not self.dist.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # the tensorboard extra is not installed
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
 
     # ---- run folder ----------------------------------------------------------------------------------
-    def _start_run_folder(self, model_cfg: ModelConfig) -> None:
-        if ckpt.list_checkpoints(self.out):
+    def _start_run_folder(self, model_cfg: ModelConfig, fresh: bool) -> None:
+        if fresh and ckpt.list_checkpoints(self.out):
             raise TrainingError(f"{self.out} already holds checkpoints: add --resume {self.out} to continue "
                                 "it, or choose another --out")
         self.out.mkdir(parents=True, exist_ok=True)
@@ -170,7 +247,8 @@ class Trainer:
                               f"with --tokenizer {folder / 'tokenizer.json'}")
         ckpt.load_state_into(self.model, ckpt.load_weights(folder, self.device), str(folder))
 
-    def _resume(self) -> None:
+    def _resume(self) -> list:
+        """Model and counters from the latest complete checkpoint; returns the saved RNG states."""
         folder = ckpt.resolve_checkpoint(self.out)
         saved = ModelConfig.load(folder / "config.json")
         if saved != self.model.config:
@@ -178,61 +256,112 @@ class Trainer:
                               "preset and --set values")
         ckpt.load_state_into(self.model, ckpt.load_weights(folder, self.device), str(folder))
         state = ckpt.read_json(folder / "trainer_state.json", "trainer state")
-        opt = ckpt.load_optimizer_state(folder)
-        if opt is None:
+        self._resume_state = ckpt.load_optimizer_state(folder)
+        if self._resume_state is None:
             raise ckpt.CheckpointError(f"{folder} has no optimizer.pt: it cannot be resumed exactly")
-        self.optimizer.load_state_dict(opt["optimizer"])
-        torch.set_rng_state(opt["rng"]["torch"])
-        if torch.cuda.is_available() and opt["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(opt["rng"]["cuda"])
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.elapsed = state["elapsed_s"]
         self.best_val = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
         self.bad_evals = state["bad_evals"]
-        self._save_train_config()
-        self._truncate_metrics(self.step)
+        if self.dist.is_main:
+            ckpt.remove_stale_temp_folders(self.out)
+            self._save_train_config()
+            self._truncate_metrics(self.step)
+        self.dist.barrier()
+        return self._resume_state["rng"]
+
+    def _restore_optimizer_and_rng(self, rng: dict) -> None:
+        opt_state = self._resume_state["optimizer"]
+        if self.dist.enabled and self.cfg.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, self.optimizer, opt_state,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(opt_state)
+        per_rank = rng["torch"]
+        torch.set_rng_state(per_rank[self.dist.rank] if isinstance(per_rank, list) and
+                            len(per_rank) == self.dist.world_size else
+                            (per_rank[0] if isinstance(per_rank, list) else per_rank))
+        if self.device.type == "cuda" and rng.get("cuda"):
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        del self._resume_state
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop the rows logged after `step`, which the resumed run will log again."""
+        """Keep the complete rows up to `step`, in step order; the resumed run logs the rest again
+        (a SIGKILL may have cut the last line in half, or logged steps past the checkpoint)."""
         file = self.out / "metrics.csv"
         rows = list(csv.DictReader(file.open())) if file.exists() else []
+        kept, last = [], 0
+        for r in rows:
+            try:
+                n = int(r.get("step") or "")
+            except ValueError:
+                continue
+            if None in r.values() or n <= last or n > step:
+                continue
+            kept.append(r)
+            last = n
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, METRIC_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(buf, METRIC_COLUMNS, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(r for r in rows if r.get("step") and int(r["step"]) <= step)
+        writer.writerows(kept)
         ckpt.atomic_write_text(file, buf.getvalue())
 
     def _log(self, row: dict) -> None:
+        if not self.dist.is_main:
+            return
         with (self.out / "metrics.csv").open("a", newline="") as f:
             csv.DictWriter(f, METRIC_COLUMNS, lineterminator="\n").writerow(
                 {k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
+        if self.writer is not None:
+            for k in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "expert_balance"):
+                if row.get(k) not in (None, ""):
+                    self.writer.add_scalar(k, float(row[k]), row["step"])
+            self.writer.flush()
 
     # ---- the loop ------------------------------------------------------------------------------------
-    def batch(self, split: str, step: int, micro: int = 0, offset: int = 0):
+    def batch(self, split: str, step: int, micro: int = 0, offset: int = 0, rows: slice = slice(None)):
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 1_009 + micro + offset)
-        x, y = self.data.batch(split, self.cfg.batch_size, self.model.config.context_len, g)
+        x, y = self.data.batch(split, self.cfg.batch_size, self.model.config.context_len, g, rows)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     @torch.no_grad()
     def estimate_loss(self) -> dict[str, float]:
-        """Mean loss over eval_steps fixed batches of each split (the same batches every time)."""
+        """Mean loss over eval_steps fixed batches of each split (the same batches every time),
+        shared out over the ranks."""
         self.model.eval()
         out = {}
         for split in ("train", "val"):
-            losses = []
+            total = 0.0
             for i in range(self.cfg.eval_steps):
-                x, y = self.batch(split, -1 - i, offset=7)
+                x, y = self.batch(split, -1 - i, offset=7, rows=self.rows if len(self.micros) == 1 and
+                                  self.cfg.grad_accum == 1 else slice(None))
                 with autocast(self.device, self.dtype):
-                    losses.append(self.forward(x, y).item())
-            out[split] = sum(losses) / len(losses)
+                    total += self.forward(x, y).item()
+            out[split] = self.dist.all_mean([total / self.cfg.eval_steps], self.device)[0]
         self.model.train()
         return out
+
+    def _micro_step(self, micro: int, last: bool) -> float:
+        x, y = self.batch("train", self.step, micro, rows=self.rows)
+        sync = contextlib.nullcontext()
+        if not last and hasattr(self.forward, "no_sync"):
+            sync = self.forward.no_sync()  # DDP: all-reduce gradients once, after the last micro-batch
+        with sync:
+            with autocast(self.device, self.dtype):
+                loss = self.forward(x, y) / len(self.micros)
+            loss.backward()
+        return loss.item()
 
     def train(self) -> dict:
         cfg = self.cfg
         from tqdm.auto import tqdm
 
+        if self.peak_flops is None:
+            self.peak_flops = measure_peak_flops(self.device, self.dtype) * self.dist.world_size
+        flops_per_token = self.model.flops_per_token()
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model.config.context_len
         ckpt_every = cfg.checkpoint_interval or cfg.eval_interval
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable={True: False, False: True, None: None}[self.progress],
@@ -243,7 +372,7 @@ class Trainer:
         bad_steps, stop_reason = 0, "max_steps"
         while self.step < cfg.max_steps:
             elapsed = self.elapsed + time.time() - session_start
-            if cfg.max_seconds is not None and elapsed >= cfg.max_seconds:
+            if cfg.max_seconds is not None and self.dist.any(elapsed >= cfg.max_seconds, self.device):
                 stop_reason = "max_seconds"
                 break
             progress = (self.step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
@@ -252,24 +381,19 @@ class Trainer:
             lr = lr_at(cfg, self.step, progress)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                x, y = self.batch("train", self.step, micro)
-                with autocast(self.device, self.dtype):
-                    loss = self.forward(x, y) / cfg.grad_accum
-                loss.backward()
-                loss_sum += loss.item()
-            if not math.isfinite(loss_sum):
+            local = sum(self._micro_step(m, i == len(self.micros) - 1) for i, m in enumerate(self.micros))
+            loss = self.dist.all_mean([local], self.device)[0]
+            if not math.isfinite(loss):
                 self.optimizer.zero_grad(set_to_none=True)
                 bad_steps += 1
-                warnings.warn(f"step {self.step + 1}: loss is {loss_sum}; the step is skipped")
+                warnings.warn(f"step {self.step + 1}: loss is {loss}; the step is skipped")
                 if bad_steps >= cfg.max_bad_steps:
                     bar.close()
                     raise TrainingError(f"{bad_steps} non-finite losses in a row at step {self.step + 1}; "
                                         "the last good checkpoint is kept. Lower lr or check the data.")
                 continue
             bad_steps = 0
-            grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).item()
+            grad_norm = (float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
                          if cfg.grad_clip > 0 else None)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -284,12 +408,13 @@ class Trainer:
                 now = time.time()
                 tps = window_tokens / max(now - window_start, 1e-9)
                 window_start, window_tokens = now, 0
-                row = {"step": self.step, "loss": round(loss_sum, 5), "lr": f"{lr:.3e}",
+                mfu = flops_per_token * tps / self.peak_flops
+                row = {"step": self.step, "loss": round(loss, 5), "lr": f"{lr:.3e}",
                        "grad_norm": None if grad_norm is None else round(grad_norm, 4),
-                       "tokens_per_s": round(tps, 1), "tokens": self.tokens_seen,
+                       "tokens_per_s": round(tps, 1), "mfu": round(mfu, 4), "tokens": self.tokens_seen,
                        "elapsed_s": round(self.elapsed + now - session_start, 2),
                        "expert_balance": self.expert_balance()}
-                bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.0%}", refresh=False)
             if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
                 stop = self._evaluate(row, bar)
                 if stop:
@@ -307,7 +432,10 @@ class Trainer:
         if not self.last_eval or self.last_eval.get("step") != self.step:
             self._evaluate(None, None)
         self.save()
-        self.plot()
+        if self.dist.is_main:
+            self.plot()
+        if self.writer is not None:
+            self.writer.close()
         return {"step": self.step, "stop_reason": stop_reason, "best_val_loss": self.best_val,
                 "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed, **self.last_eval}
 
@@ -325,8 +453,10 @@ class Trainer:
         self.last_eval = {"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"]}
         if row is not None:
             row["val_loss"] = round(losses["val"], 5)
-        msg = f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-        (bar.write if bar is not None else print)(msg)
+        if self.dist.is_main:
+            msg = f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+            (bar.write if bar is not None else print)(msg)
+            sys.stdout.flush()
         improved = losses["val"] < self.best_val
         if improved:
             self.best_val = losses["val"]
@@ -341,19 +471,41 @@ class Trainer:
         return None
 
     # ---- checkpoints ---------------------------------------------------------------------------------
-    def save(self) -> Path:
-        state = {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed,
-                 "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
-                 "bad_evals": self.bad_evals, **{k: v for k, v in self.last_eval.items() if k != "step"}}
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
+    def _full_states(self) -> tuple[dict, dict]:
+        """Model and optimizer state, whole, on the CPU (gathered from the shards under FSDP)."""
+        if self.dist.enabled and self.cfg.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return (get_model_state_dict(self.model, options=options),
+                    get_optimizer_state_dict(self.model, self.optimizer, options=options))
+        return self.model.state_dict(), self.optimizer.state_dict()
+
+    def save(self) -> Path | None:
+        """Write a checkpoint (rank 0; every rank takes part in gathering what it holds)."""
+        model_state, opt_state = self._full_states()
+        rng = {"torch": [torch.get_rng_state()]}
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            gathered = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, torch.get_rng_state())
+            rng["torch"] = gathered
+        if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state_all()
         folder = self.out / ckpt.CHECKPOINTS / f"step-{self.step:07d}"
-        ckpt.save_checkpoint(folder, self.model, self.tokenizer, state,
-                             {"optimizer": self.optimizer.state_dict(), "rng": rng})
-        if self.last_eval.get("step") == self.step and self.last_eval["val_loss"] <= self.best_val:
-            ckpt.atomic_write_text(self.out / "best.txt", folder.name + "\n")
-        self._prune()
+        if self.dist.is_main:
+            state = {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed,
+                     "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
+                     "bad_evals": self.bad_evals, "world_size": self.dist.world_size,
+                     **{k: v for k, v in self.last_eval.items() if k != "step"}}
+            ckpt.save_checkpoint(folder, self.model, self.tokenizer, state,
+                                 {"optimizer": opt_state, "rng": rng}, model_state=model_state)
+            if self.last_eval.get("step") == self.step and self.last_eval["val_loss"] <= self.best_val:
+                ckpt.atomic_write_text(self.out / "best.txt", folder.name + "\n")
+            self._prune()
+        self.dist.barrier()
         return folder
 
     def _prune(self) -> None:
@@ -363,7 +515,7 @@ class Trainer:
         found = ckpt.list_checkpoints(self.out)
         for folder in found[:-max(1, self.cfg.keep_last)]:
             if folder.name != best:
-                shutil.rmtree(folder, ignore_errors=True)
+                ckpt.remove_checkpoint(folder)
 
     def plot(self) -> None:
         plot_runs([self.out], self.out / "loss.png")
