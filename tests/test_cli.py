@@ -151,3 +151,14 @@ def test_import_generate_finetune_export(tmp_path, small_text):
                   "--out", tmp_path / "bad", "--set", "n_layer=3")
     assert_one_line_error(bad, "the model's n_layer cannot change")
     assert_one_line_error(run_cli("import", tmp_path / "data", "--out", tmp_path / "x"), "no config.json")
+
+
+def test_runs_lists_and_plot_draws(cli_run, tmp_path):
+    result = run_cli("runs", cli_run)
+    assert result.returncode == 0, result.stderr
+    line = next(l for l in result.stdout.splitlines() if l.startswith(str(cli_run / "run")))
+    assert " 20 " in line and "2,560" in line  # 20 steps of 4 x 32 tokens
+    out = tmp_path / "both.png"
+    result = run_cli("plot", cli_run / "run", cli_run / "run", "--out", out)
+    assert result.returncode == 0 and out.read_bytes()[:4] == b"\x89PNG"
+    assert_one_line_error(run_cli("plot", tmp_path, "--out", out), "not a run folder")

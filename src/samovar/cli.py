@@ -4,6 +4,8 @@
     samovar prepare INPUT... --tokenizer {char,word,bpe} [--vocab-size N] --out DIR
     samovar train --preset P --data DIR --out RUN [--config FILE] [--set key=value ...] [--resume RUN]
     samovar generate RUN --prompt TEXT [--max-tokens N --temperature T --top-k K --top-p P --seed S]
+    samovar runs [FOLDER]          samovar plot RUN [RUN ...] --out FILE.png
+    samovar import HF_FOLDER --out RUN       samovar export RUN --format hf --out DIR
     samovar demo [--minutes M]
 
 Errors a user can cause print one line, `samovar: error: ...`, and exit with status 2.
@@ -186,6 +188,35 @@ def cmd_generate(args) -> None:
         print(args.prompt + generate(model, tokenizer, args.prompt, **kwargs))
 
 
+# ---- runs and plots --------------------------------------------------------------------------------
+def cmd_runs(args) -> None:
+    from .train import run_summary
+
+    root = Path(args.folder)
+    if not root.is_dir():
+        raise ConfigError(f"{root} is not a folder")
+    runs = sorted(p.parent for p in root.rglob("metrics.csv"))
+    if not runs:
+        print(f"no runs under {root}")
+        return
+    print(f"{'run':<40} {'steps':>8} {'tokens':>14} {'best val':>9} {'last loss':>9} {'time':>8}")
+    for run in runs:
+        s = run_summary(run)
+        best = f"{s['best_val_loss']:.4f}" if s["best_val_loss"] is not None else "-"
+        last = f"{s['last_loss']:.4f}" if s["last_loss"] is not None else "-"
+        print(f"{str(run):<40} {s['steps']:>8,} {s['tokens']:>14,} {best:>9} {last:>9} {s['elapsed_s']:>7.0f}s")
+
+
+def cmd_plot(args) -> None:
+    from .train import plot_runs
+
+    for run in args.runs:
+        if not (Path(run) / "metrics.csv").exists():
+            raise ConfigError(f"{run} has no metrics.csv: not a run folder")
+    plot_runs(args.runs, args.out)
+    print(f"wrote {args.out}")
+
+
 # ---- import / export ---------------------------------------------------------------------------------
 def cmd_import(args) -> None:
     from .checkpoint import save_checkpoint
@@ -287,6 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     _device_options(s)
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("runs", help="list the runs under a folder with their best val loss, steps and tokens")
+    s.add_argument("folder", nargs="?", default="runs")
+    s.set_defaults(func=cmd_runs)
+
+    s = sub.add_parser("plot", help="draw several runs' loss curves on one chart")
+    s.add_argument("runs", nargs="+", help="run folders")
+    s.add_argument("--out", default="runs.png", help="the PNG to write")
+    s.set_defaults(func=cmd_plot)
 
     s = sub.add_parser("import", help="import a local HuggingFace model folder as a samovar checkpoint")
     s.add_argument("folder", help="a folder with config.json and model.safetensors (or pytorch_model.bin)")

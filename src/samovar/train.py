@@ -175,8 +175,9 @@ class Trainer:
         if resume and ckpt.list_checkpoints(self.out):
             rng_states = self._resume()
         else:
-            if resume and not (self.out / "config.json").exists():
-                raise ckpt.CheckpointError(f"{self.out} is not a run folder: nothing to resume")
+            if resume and not self.out.is_dir():
+                raise ckpt.CheckpointError(f"{self.out} does not exist: nothing to resume")
+            # (a run killed before its first checkpoint starts again from step 0)
             if init_from is not None:
                 self._init_from(init_from)
             if self.dist.is_main:
@@ -529,14 +530,15 @@ def read_metrics(run: str | Path) -> list[dict]:
 
 
 def plot_runs(runs: list[str | Path], out: str | Path) -> None:
-    """Loss (and val loss) against step for each run, learning rate below; written atomically."""
+    """Loss and val loss, learning rate, and gradient norm against step, one line per run; written
+    atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True,
-                                         gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax_loss, ax_lr, ax_grad) = plt.subplots(3, 1, figsize=(8, 7), sharex=True,
+                                                  gridspec_kw={"height_ratios": [3, 1, 1]})
     for run in runs:
         rows = read_metrics(run)
         name = Path(run).name
@@ -546,13 +548,27 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> None:
         if val:
             ax_loss.plot(*zip(*val), marker="o", label=f"{name} val")
         ax_lr.plot(steps, [float(r["lr"]) for r in rows], label=name)
+        grad = [(int(r["step"]), float(r["grad_norm"])) for r in rows if r.get("grad_norm")]
+        if grad:
+            ax_grad.plot(*zip(*grad), label=name, alpha=0.7)
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
     ax_lr.set_ylabel("lr")
-    ax_lr.set_xlabel("step")
+    ax_grad.set_ylabel("grad norm")
+    ax_grad.set_xlabel("step")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     ckpt.atomic_write_bytes(out, buf.getvalue())
+
+
+def run_summary(run: str | Path) -> dict:
+    """Best val loss, steps and tokens of a run folder, from its metrics."""
+    rows = read_metrics(run)
+    vals = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
+    last = rows[-1] if rows else {}
+    return {"run": str(run), "steps": int(last.get("step") or 0), "tokens": int(last.get("tokens") or 0),
+            "best_val_loss": min(vals) if vals else None, "last_loss": float(last["loss"]) if last else None,
+            "elapsed_s": float(last.get("elapsed_s") or 0)}
