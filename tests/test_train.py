@@ -136,3 +136,39 @@ def test_mixture_of_experts_trains_and_reports_expert_usage(tmp_path, char_data,
     assert result["val_loss"] < start - 0.5
     balance = [float(r["expert_balance"]) for r in read_rows(tmp_path / "run")]
     assert len(balance) == 4 and all(1.0 <= b <= cfg.n_expert for b in balance)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    cfg = get_preset("llama-tiny")
+    torch.manual_seed(0)
+    from samovar.model import Transformer
+
+    a, b = Transformer(cfg), Transformer(cfg)
+    b.load_state_dict(a.state_dict())
+    b.activation_checkpointing = True
+    idx = torch.randint(cfg.vocab_size, (2, 16))
+    a(idx, idx).backward()
+    b(idx, idx).backward()
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=name)
+
+
+def test_bf16_on_the_cpu_warns_only_without_native_bf16():
+    import warnings
+
+    from samovar.runtime import cpu_has_native_bf16, resolve_dtype
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    slow = [w for w in caught if "far slower than fp32" in str(w.message)]
+    assert len(slow) == (0 if cpu_has_native_bf16() else 1)
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_compiled_training_matches_eager(tmp_path, char_data):
+    eager = Trainer(tiny_model(69).replace(dropout=0.0), tiny_train(max_steps=3, eval_interval=3),
+                    char_data, tmp_path / "eager", progress=False).train()
+    compiled = Trainer(tiny_model(69).replace(dropout=0.0), tiny_train(max_steps=3, eval_interval=3, compile=True),
+                       char_data, tmp_path / "compiled", progress=False).train()
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], abs=1e-3)
