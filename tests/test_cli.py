@@ -162,3 +162,18 @@ def test_runs_lists_and_plot_draws(cli_run, tmp_path):
     result = run_cli("plot", cli_run / "run", cli_run / "run", "--out", out)
     assert result.returncode == 0 and out.read_bytes()[:4] == b"\x89PNG"
     assert_one_line_error(run_cli("plot", tmp_path, "--out", out), "not a run folder")
+
+
+def test_yaml_config_and_bad_config_files(cli_run, tmp_path):
+    (tmp_path / "run.yaml").write_text("preset: gpt2-tiny\nmodel:\n  n_layer: 1\n  context_len: 32\n"
+                                       "train:\n  max_steps: 4\n  eval_interval: 2\n  eval_steps: 1\n  batch_size: 2\n")
+    result = run_cli("train", "--config", tmp_path / "run.yaml", "--data", cli_run / "data", "--out", tmp_path / "r",
+                     "--set", "max_steps=6")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "r" / "train_config.json").read_text())["max_steps"] == 6  # --set wins
+    (tmp_path / "bad.toml").write_text("preset = [unclosed\n")
+    assert_one_line_error(run_cli("train", "--config", tmp_path / "bad.toml", "--data", cli_run / "data",
+                                  "--out", tmp_path / "r2"), "cannot parse")
+    (tmp_path / "bad.yaml").write_text("model: [1, 2\n")
+    assert_one_line_error(run_cli("train", "--config", tmp_path / "bad.yaml", "--data", cli_run / "data",
+                                  "--out", tmp_path / "r3"), "cannot parse")

@@ -51,6 +51,11 @@ CASES = {
     "qwen3": ("Qwen3Config", dict(LLAMA_BASE, head_dim=12, tie_word_embeddings=True)),
     "qwen3-untied-mqa": ("Qwen3Config", dict(LLAMA_BASE, num_key_value_heads=1, tie_word_embeddings=False)),
     "deepseek-v3": ("DeepseekV3Config", DEEPSEEK_BASE),
+    "deepseek-v3-not-interleaved": ("DeepseekV3Config", dict(DEEPSEEK_BASE, rope_interleave=False,
+                                                             attention_bias=True)),
+    "gpt1-untied": ("OpenAIGPTConfig", dict(vocab_size=320, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                            tie_word_embeddings=False)),
+    "gemma-legacy-gelu": ("GemmaConfig", dict(LLAMA_BASE, head_dim=8, hidden_act="gelu", attention_bias=True)),
     "deepseek-v3-no-q-lora-yarn": ("DeepseekV3Config", dict(DEEPSEEK_BASE, q_lora_rank=None, norm_topk_prob=False,
                                                             n_group=1, topk_group=1, rope_parameters={
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,

@@ -230,14 +230,15 @@ def _gpt1_from_hf(hf: dict) -> ModelConfig:
     return ModelConfig(vocab_size=hf["vocab_size"], context_len=hf["n_positions"], n_layer=hf["n_layer"],
                        n_head=hf["n_head"], n_embd=hf["n_embd"], norm_placement="post",
                        norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu" if act == "gelu" else "relu",
-                       gelu_approx="tanh", attn_bias=True, attn_out_bias=True, mlp_bias=True,
-                       tie_embeddings=True)  # HF's GPT-1 "gelu" is the tanh approximation (gelu_new)
+                       gelu_approx="tanh",  # HF's GPT-1 "gelu" is the tanh approximation (gelu_new)
+                       attn_bias=True, attn_out_bias=True, mlp_bias=True,
+                       tie_embeddings=hf.get("tie_word_embeddings", True))
 
 
 def _gpt1_to_hf(cfg: ModelConfig) -> dict:
     _gpt_checks(cfg, "post")
-    if cfg.ff_size != 4 * cfg.n_embd or not cfg.tie_embeddings:
-        raise HFError("GPT-1 needs d_ff = 4 * n_embd and tied embeddings")
+    if cfg.ff_size != 4 * cfg.n_embd:
+        raise HFError("GPT-1 needs d_ff = 4 * n_embd")
     if cfg.mlp == "relu":
         afn = "relu"
     elif cfg.mlp == "gelu" and cfg.gelu_approx == "tanh":
@@ -246,7 +247,7 @@ def _gpt1_to_hf(cfg: ModelConfig) -> dict:
         raise HFError("HF GPT-1 has relu, or gelu as the tanh approximation (gelu_approx=tanh)")
     return {"vocab_size": cfg.vocab_size, "n_positions": cfg.context_len, "n_layer": cfg.n_layer,
             "n_head": cfg.n_head, "n_embd": cfg.n_embd, "layer_norm_epsilon": cfg.norm_eps, "afn": afn,
-            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+            "tie_word_embeddings": cfg.tie_embeddings, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 
 
 def _gpt_checks(cfg: ModelConfig, placement: str) -> None:
@@ -302,6 +303,11 @@ def _qwen3_to_hf(cfg):
 
 
 def _gemma_from_hf(hf):
+    hf = dict(hf)
+    if hf.get("hidden_activation"):  # transformers 4's Gemma configs name it so
+        hf["hidden_act"] = hf["hidden_activation"]
+    if hf.get("hidden_act", "gelu_pytorch_tanh") == "gelu":  # as HF does: Gemma's "gelu" means the tanh one
+        hf["hidden_act"] = "gelu_pytorch_tanh"
     return _llama_like(hf, norm_unit_offset=True, embed_scale=True,
                        tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
 
@@ -310,6 +316,8 @@ def _gemma_to_hf(cfg):
     _unsupported(cfg, norm_unit_offset=True, embed_scale=True)
     if not (cfg.norm_unit_offset and cfg.embed_scale and cfg.tie_embeddings):
         raise HFError("Gemma needs norm_unit_offset, embed_scale and tied embeddings")
+    if (cfg.mlp, cfg.gelu_approx) != ("geglu", "tanh"):
+        raise HFError("Gemma's MLP is GeGLU with the tanh approximation")
     return _llama_like_to_hf(cfg)
 
 
@@ -333,7 +341,7 @@ def _mixtral_to_hf(cfg):
 
 def _deepseek_from_hf(hf):
     _require(hf, {"n_routed_experts": lambda v: v > 0, "topk_method": lambda v: v == "noaux_tc",
-                  "scoring_func": lambda v: v == "sigmoid"})
+                  "scoring_func": lambda v: v == "sigmoid", "moe_layer_freq": lambda v: v == 1})
     if hf.get("num_key_value_heads", hf["num_attention_heads"]) != hf["num_attention_heads"]:
         raise HFError("DeepSeek-V3 with num_key_value_heads != num_attention_heads is not supported")
     return _llama_like(
@@ -450,8 +458,10 @@ def _permute_rope_rows(w: torch.Tensor, heads: int, nope: int, rope: int, invers
     return w.reshape(heads * (nope + rope), *w.shape[2:])
 
 
-def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, family: Family) -> dict[str, torch.Tensor]:
-    """Our state dict from an HF one (HF names may lack the `transformer.`/`model.` prefix)."""
+def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, family: Family,
+                  interleaved: bool | None = None) -> dict[str, torch.Tensor]:
+    """Our state dict from an HF one (HF names may lack the `transformer.`/`model.` prefix).
+    `interleaved`: whether the checkpoint rotates neighbour pairs (DeepSeek's rope_interleave)."""
     from .model import Transformer
 
     with torch.device("meta"):  # which tensors this config has (the table also lists optional ones)
@@ -467,7 +477,7 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, family: F
     if missing:
         raise HFError(f"the checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. "
                       + ", ".join(sorted(set(missing))[:4]))
-    if family.rope_interleaved:
+    if family.rope_interleaved if interleaved is None else interleaved:
         for name in list(ours):
             if name.endswith(("attn.q_proj.weight", "attn.q_up.weight")):
                 ours[name] = _permute_rope_rows(ours[name], cfg.n_head, cfg.qk_nope_head_dim,
@@ -582,7 +592,8 @@ def import_hf(folder: str | Path):
     except json.JSONDecodeError as e:
         raise HFError(f"cannot read {folder / 'config.json'}: {e}") from None
     cfg, family = config_from_hf(hf_cfg)
-    state = state_from_hf(read_hf_weights(folder), cfg, family)
+    interleaved = bool(hf_cfg.get("rope_interleave", True)) if family.rope_interleaved else False
+    state = state_from_hf(read_hf_weights(folder), cfg, family, interleaved)
     model = Transformer(cfg)
     try:
         load_state_into(model, {k: v.float() for k, v in state.items()}, str(folder))
