@@ -4,6 +4,7 @@
     samovar prepare INPUT... --tokenizer {char,word,bpe} [--vocab-size N] --out DIR
     samovar train --preset P --data DIR --out RUN [--config FILE] [--set key=value ...] [--resume RUN]
     samovar generate RUN --prompt TEXT [--max-tokens N --temperature T --top-k K --top-p P --seed S]
+    samovar eval RUN --data FILE_OR_DIR [--task auto|lm|qa|dialogue] [--json]
     samovar runs [FOLDER]          samovar plot RUN [RUN ...] --out FILE.png
     samovar import HF_FOLDER --out RUN       samovar export RUN --format hf --out DIR
     samovar demo [--minutes M]
@@ -188,6 +189,31 @@ def cmd_generate(args) -> None:
         print(args.prompt + generate(model, tokenizer, args.prompt, **kwargs))
 
 
+# ---- evaluation ---------------------------------------------------------------------------------------
+def cmd_eval(args) -> None:
+    from .api import LLM
+    from .evaluation import evaluate
+
+    llm = LLM.from_path(args.run, device=args.device, dtype=args.dtype)
+    if llm.tokenizer is None:
+        raise ConfigError(f"{args.run} has no tokenizer.json")
+    result = evaluate(llm, args.data, task=args.task, max_examples=args.max_examples, max_tokens=args.max_tokens,
+                      with_latency=not args.no_latency)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False, indent=2))
+        return
+    print(f"{args.run} on {args.data} ({result['task']}, {result['tokens']:,} tokens)")
+    print(f"  loss {result['loss']:.4f}   perplexity {result['perplexity']:.2f}   "
+          f"bits per byte {result['bits_per_byte']:.4f}")
+    if "bleu" in result:
+        print(f"  BLEU {result['bleu']:.2f}   chrF {result['chrf']:.2f}   exact match {result['exact_match']:.1%} "
+              f"({result['examples']} examples)")
+        for s in result["samples"]:
+            print(f"    {s['prompt'].splitlines()[-1]!r} -> {s['answer']!r} (reference {s['reference']!r})")
+    if "ttft_ms" in result:
+        print(f"  time to first token {result['ttft_ms']:.1f} ms   decode {result['decode_tokens_per_s']:.1f} tokens/s")
+
+
 # ---- runs and plots --------------------------------------------------------------------------------
 def cmd_runs(args) -> None:
     from .train import run_summary
@@ -318,6 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     _device_options(s)
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("eval", help="loss, perplexity, bits per byte, BLEU/chrF and latency of a run")
+    s.add_argument("run", help="a run folder or a checkpoint folder")
+    s.add_argument("--data", required=True, help="a text file or folder (held-out text, QA or dialogues)")
+    s.add_argument("--task", default="auto", choices=["auto", "lm", "qa", "dialogue"],
+                   help="qa and dialogue add BLEU/chrF of generated answers; auto detects the format")
+    s.add_argument("--max-examples", type=int, default=100, help="answers to generate for BLEU/chrF")
+    s.add_argument("--max-tokens", type=int, default=None, help="evaluate the loss on the first N tokens only")
+    s.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    s.add_argument("--json", action="store_true", help="print the results as JSON")
+    _device_options(s)
+    s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("runs", help="list the runs under a folder with their best val loss, steps and tokens")
     s.add_argument("folder", nargs="?", default="runs")

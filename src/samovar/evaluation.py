@@ -1,0 +1,178 @@
+"""Evaluation: loss, perplexity and bits per byte on held-out text; BLEU and chrF of generated answers;
+latency (time to first token, decode tokens/s).
+
+Bits per byte = (total loss in nats) / ln 2 / (UTF-8 bytes of the text): unlike loss per token it
+compares models with different tokenizers. Every token of the text is predicted exactly once (with up
+to context_len - 1 tokens of context), in non-overlapping windows.
+
+Question/answer files (`T: premise`, `Q: question`, `A: answer` blocks) and dialogue files (turns
+starting with "- ", dialogues separated by blank lines) become (prompt, reference) pairs: the prompt is
+everything before the answer (or the last turn), the model continues it greedily up to the end of the
+line, and sacrebleu scores the answers against the references.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import DataError, find_files, read_documents
+
+
+# ---- language-model metrics ------------------------------------------------------------------------
+@torch.inference_mode()
+def lm_metrics(model, ids, n_bytes: int | None = None, batch_size: int = 16) -> dict:
+    """Mean loss per token, perplexity and (given the text's UTF-8 size) bits per byte of `ids`."""
+    model.eval()
+    T = model.config.context_len
+    ids = np.asarray(ids)
+    n_windows = (len(ids) - 1 + T - 1) // T
+    if len(ids) < 2:
+        raise DataError("the evaluation text is shorter than two tokens")
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for b in range(0, n_windows, batch_size):
+        windows = [ids[w * T:w * T + T + 1] for w in range(b, min(b + batch_size, n_windows))]
+        length = max(len(w) for w in windows)
+        x = torch.zeros(len(windows), length - 1, dtype=torch.long)
+        y = torch.full((len(windows), length - 1), -100, dtype=torch.long)  # -100: padding, ignored
+        for i, w in enumerate(windows):
+            x[i, :len(w) - 1] = torch.from_numpy(w[:-1].astype(np.int64))
+            y[i, :len(w) - 1] = torch.from_numpy(w[1:].astype(np.int64))
+        logits = model(x.to(device)).float()
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.to(device).view(-1),
+                                                 ignore_index=-100, reduction="sum")
+        total += loss.item()
+        count += int((y != -100).sum())
+    out = {"tokens": count, "loss": total / count, "perplexity": math.exp(min(total / count, 700))}
+    if n_bytes:
+        out["bits_per_byte"] = total / math.log(2) / n_bytes
+    return out
+
+
+# ---- question/answer and dialogue data ---------------------------------------------------------------
+def qa_pairs(text: str) -> list[tuple[str, str]]:
+    """(prompt, reference) pairs from `T:/Q:/A:` blocks; the prompt ends with "A:"."""
+    pairs = []
+    for block in re.split(r"\n\s*\n", text.replace("\r\n", "\n")):
+        lines = [line for line in block.strip().split("\n") if line.strip()]
+        answers = [i for i, line in enumerate(lines) if line.startswith("A:")]
+        if not answers:
+            continue
+        i = answers[-1]
+        prompt = "\n".join(lines[:i]) + "\nA:"
+        pairs.append((prompt, lines[i][2:].strip()))
+    return pairs
+
+
+def dialogue_pairs(text: str) -> list[tuple[str, str]]:
+    """(prompt, reference) pairs from dialogues: the earlier turns, then "- ", against the last turn."""
+    pairs = []
+    for block in re.split(r"\n\s*\n", text.replace("\r\n", "\n")):
+        turns = [line for line in block.strip().split("\n") if line.startswith("- ")]
+        if len(turns) < 2:
+            continue
+        pairs.append(("\n".join(turns[:-1]) + "\n- ", turns[-1][2:].strip()))
+    return pairs
+
+
+def detect_task(text: str) -> str:
+    head = text[:20_000]
+    if re.search(r"^Q:.*\nA:", head, re.M):
+        return "qa"
+    if len(re.findall(r"^- ", head, re.M)) > 10:
+        return "dialogue"
+    return "lm"
+
+
+def generation_metrics(answer, pairs: list[tuple[str, str]]) -> dict:
+    """BLEU and chrF (sacrebleu, corpus level) of answer(prompt) against the references."""
+    try:
+        import sacrebleu
+    except ImportError:
+        raise DataError("BLEU and chrF need sacrebleu: pip install 'samovar[eval]'") from None
+    hypotheses = [answer(prompt) for prompt, _ in pairs]
+    references = [ref for _, ref in pairs]
+    return {"examples": len(pairs), "bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
+            "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
+            "exact_match": sum(h.strip() == r.strip() for h, r in zip(hypotheses, references)) / len(pairs),
+            "samples": [{"prompt": p, "reference": r, "answer": h}
+                        for (p, r), h in list(zip(pairs, hypotheses))[:3]]}
+
+
+def lm_answer(llm, max_tokens: int = 48):
+    """A decoder-only model's answer: its greedy continuation of the prompt, up to the line's end."""
+    def answer(prompt: str) -> str:
+        ids = llm.tokenizer.encode(prompt)[-(llm.model.config.context_len - max_tokens):]
+        from .engine import Engine, SamplingParams
+
+        engine = Engine(llm.model, vocab_limit=llm.tokenizer.vocab_size)
+        out = []
+        for token in engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0),
+                                     stop_ids=[llm.tokenizer.eos_id] if llm.tokenizer.eos_id is not None else []):
+            out.append(token)
+            if "\n" in llm.tokenizer.decode(out[-4:]):
+                break
+        return llm.tokenizer.decode(out, skip_special=True).split("\n")[0].strip()
+
+    return answer
+
+
+# ---- latency -----------------------------------------------------------------------------------------
+@torch.inference_mode()
+def latency(model, prompt_tokens: int = 32, new_tokens: int = 64, repeats: int = 3) -> dict:
+    """Median time to first token (prefill + one sample) and decode tokens/s, greedy, batch 1."""
+    from .engine import Engine, SamplingParams
+
+    engine = Engine(model)
+    prompt_tokens = min(prompt_tokens, model.config.context_len // 2)
+    new_tokens = min(new_tokens, model.config.context_len - prompt_tokens)
+    prompt = [i % model.config.vocab_size for i in range(1, prompt_tokens + 1)]
+    ttft, rates = [], []
+    for _ in range(repeats + 1):  # the first round warms up
+        start = time.perf_counter()
+        stream = engine.generate(prompt, SamplingParams(max_tokens=new_tokens, temperature=0))
+        next(stream)
+        first = time.perf_counter()
+        n = 1 + sum(1 for _ in stream)
+        end = time.perf_counter()
+        ttft.append(first - start)
+        rates.append((n - 1) / max(end - first, 1e-9))
+    return {"ttft_ms": statistics.median(ttft[1:]) * 1000, "decode_tokens_per_s": statistics.median(rates[1:]),
+            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
+
+
+# ---- the command's whole job -------------------------------------------------------------------------
+def read_eval_text(path: str | Path) -> str:
+    """The text of a file, a folder of files, or a prepared data folder's validation split."""
+    path = Path(path)
+    files = find_files([path])
+    return "\n\n".join(read_documents(files))
+
+
+def evaluate(llm, data: str | Path, task: str = "auto", max_examples: int = 100, max_tokens: int | None = None,
+             with_latency: bool = True) -> dict:
+    text = read_eval_text(data)
+    task = detect_task(text) if task == "auto" else task
+    if task not in ("lm", "qa", "dialogue"):
+        raise DataError(f"unknown task {task!r}; use auto, lm, qa or dialogue")
+    ids = llm.tokenizer.encode(text)
+    if max_tokens is not None and len(ids) > max_tokens:  # the first max_tokens tokens, and their bytes
+        ids = ids[:max_tokens]
+        text = llm.tokenizer.decode(ids)
+    result = {"data": str(data), "task": task, **lm_metrics(llm.model, ids, len(text.encode("utf-8")))}
+    if task != "lm":
+        pairs = (qa_pairs if task == "qa" else dialogue_pairs)(read_eval_text(data))
+        if not pairs:
+            raise DataError(f"no {task} examples found in {data}")
+        step = max(1, len(pairs) // max_examples)  # spread the examples over the file
+        result.update(generation_metrics(lm_answer(llm), pairs[::step][:max_examples]))
+    if with_latency:
+        result.update(latency(llm.model))
+    return result
