@@ -113,3 +113,25 @@ def test_open_refuses_folders_without_tokens(tmp_path):
     (tmp_path / "train.bin").write_bytes(b"")
     with pytest.raises(DataError, match="no tokens in train.bin"):
         TokenData.open(tmp_path)
+
+
+def test_chunked_parallel_bpe_equals_one_string_at_blank_lines(tmp_path):
+    """Pieces are cut only after a lone newline: "\\n\\n" at the end of a piece would pre-tokenize as one
+    whitespace run, but as two pieces inside the whole text."""
+    from samovar.data import encode_documents
+
+    text = "".join(f"T: line {i}\nQ: what {i}?\nA: word{i % 7}\n\n" for i in range(6000))
+    tok = Tokenizer.train("bpe", [text], vocab_size=600)
+    pieces = split_for_encoding(text, target=4096)
+    assert len(pieces) > 10 and "".join(pieces) == text
+    assert all(p.endswith("\n") and not p.endswith("\n\n") for p in pieces[:-1])
+    assert encode_documents(tok, [text]) == tok.hf.encode(text, add_special_tokens=False).ids
+
+
+def test_real_qa_corpus_prepares_to_the_one_string_ids(tmp_path):
+    text = shared_file("ru_qa/premise_question_answer6.txt").read_text(encoding="utf-8")[:1_500_000]
+    (tmp_path / "qa.txt").write_text(text, encoding="utf-8")
+    prepare([tmp_path / "qa.txt"], tmp_path / "out", tokenizer="bpe", vocab_size=3000)
+    data = TokenData.open(tmp_path / "out")
+    ids = np.concatenate([data.train, data.val]).tolist()
+    assert ids == data.tokenizer().hf.encode(text, add_special_tokens=False).ids

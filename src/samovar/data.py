@@ -139,15 +139,18 @@ def encode_documents(tok: Tokenizer, docs: list[str]) -> list[int]:
 
 
 def split_for_encoding(text: str, target: int = 1 << 16) -> list[str]:
-    """Cut `text` into ~64 KB pieces at a newline followed by a non-space character.
+    """Cut `text` into ~64 KB pieces after a lone newline between two non-space characters.
 
-    GPT-2's pre-tokenizer never joins a newline with a following letter into one piece, so encoding
-    the pieces separately gives the same ids as encoding the whole text, and lets HF tokenizers
-    encode them in parallel."""
+    GPT-2's pre-tokenizer makes such a newline a piece of its own whether or not the text goes on
+    after it (a longer run of whitespace at the end of a string would be one piece instead), so
+    encoding the pieces separately gives the same ids as encoding the whole text, in parallel."""
+    def boundary(i: int) -> bool:
+        return text[i - 1] == "\n" and not text[i - 2].isspace() and not text[i].isspace()
+
     pieces, start = [], 0
     while len(text) - start > target:
         cut = start + target
-        while cut < len(text) - 1 and not (text[cut - 1] == "\n" and not text[cut].isspace()):
+        while cut < len(text) - 1 and not boundary(cut):
             cut += 1
         if cut >= len(text) - 1:
             break

@@ -58,6 +58,7 @@ class Tokenizer:
         self._char_vocab = None
         if self.kind == "char":
             self._char_vocab = {t: i for t, i in vocab.items() if len(t) == 1}
+        self._fast = None  # a tiktoken encoder for byte-level BPE, built on first use
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -196,9 +197,15 @@ class Tokenizer:
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def encode_many(self, texts: list[str]) -> list[list[int]]:
-        """Encode several texts at once (in parallel for HF-backed kinds)."""
+        """Encode several texts at once, on every core: byte-level BPE through tiktoken when it is
+        installed (the same ids as HF tokenizers, ~10x faster), else through HF tokenizers."""
         if self._char_vocab is not None:
             return [self.encode(t) for t in texts]
+        if self.kind == "bpe":
+            if self._fast is None:
+                self._fast = TiktokenBPE.build(self) or False
+            if self._fast:
+                return self._fast.encode_many(texts)
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
@@ -213,3 +220,79 @@ def _kind_of(model: dict) -> str:
         pre = json.dumps(model.get("pre_tokenizer"))
         return "char" if json.dumps(CHAR_SPLIT)[1:-1] in pre else "word"
     return kind.lower()  # e.g. an imported Unigram or WordPiece tokenizer
+
+
+# ---- fast byte-level BPE encoding ------------------------------------------------------------------
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map of the 256 byte values to printable characters: printable Latin-1
+    bytes stand for themselves, the other 68 take the characters from U+0100 on, in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    table, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+class TiktokenBPE:
+    """The same byte-level BPE as a `tokenizers` model, run by tiktoken (Rust, releases the GIL).
+
+    tiktoken merges the adjacent pair whose joined bytes have the lowest rank; ranking each merge's
+    result by its position in the merge list reproduces HF's merge order. Ranks are mapped back to
+    our ids. Only tokenizers that are exactly GPT-2 style (ByteLevel pre-tokenizer with its regex, no
+    normaliser, plain BPE) are accepted; tests compare the ids with HF's on real corpora.
+    """
+
+    def __init__(self, encoding, id_of_rank):
+        self.encoding = encoding
+        self.id_of_rank = id_of_rank
+
+    @classmethod
+    def build(cls, tok: "Tokenizer") -> "TiktokenBPE | None":
+        try:
+            import numpy as np
+            import tiktoken
+        except ImportError:
+            return None
+        spec = json.loads(tok.hf.to_str())
+        pre, model = spec.get("pre_tokenizer") or {}, spec["model"]
+        if spec.get("normalizer") or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) \
+                or pre.get("add_prefix_space") or model.get("dropout") or model.get("ignore_merges") \
+                or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+            return None
+        to_byte = {c: b for b, c in byte_to_unicode().items()}
+        vocab = model["vocab"]
+        ranks: dict[bytes, int] = {bytes([b]): b for b in range(256)}
+        for i, merge in enumerate(model["merges"]):
+            left, right = merge.split(" ") if isinstance(merge, str) else merge
+            try:
+                joined = bytes(to_byte[c] for c in left + right)
+            except KeyError:
+                return None
+            ranks.setdefault(joined, 256 + i)
+        specials = {t: len(ranks) + 256 + k for k, t in enumerate(tok.special_tokens)}
+        size = max([*ranks.values(), *specials.values()]) + 1
+        id_of_rank = np.full(size, -1, dtype=np.int64)
+        for token, i in vocab.items():
+            data = bytes(to_byte[c] for c in token) if all(c in to_byte for c in token) else None
+            if data is not None and data in ranks:
+                id_of_rank[ranks[data]] = i
+        for t, r in specials.items():
+            id_of_rank[r] = tok.token_id(t)
+        if (id_of_rank[list(ranks.values())] < 0).any():
+            return None  # a merge result without an id: not a tokenizer tiktoken can stand in for
+        encoding = tiktoken.Encoding("samovar-bpe", pat_str=GPT2_SPLIT, mergeable_ranks=ranks,
+                                     special_tokens=specials)
+        return cls(encoding, id_of_rank)
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        import os
+
+        batches = self.encoding.encode_batch(texts, num_threads=os.cpu_count() or 1, allowed_special="all")
+        return [self.id_of_rank[b].tolist() for b in batches]
