@@ -57,7 +57,7 @@ def test_bpe_prepare_equals_one_string_encoding(tmp_path):
     tok = data.tokenizer()
     ids = np.concatenate([data.train, data.val]).tolist()
     assert ids == tok.hf.encode(text, add_special_tokens=False).ids
-    assert len(split_for_encoding(text)) > 3  # the chunked, parallel path was taken
+    assert len(split_for_encoding(text)) > 1  # the chunked, parallel path was taken
 
 
 @pytest.mark.parametrize("content, message", [

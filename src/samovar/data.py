@@ -139,20 +139,24 @@ def encode_documents(tok: Tokenizer, docs: list[str]) -> list[int]:
 
 
 def split_for_encoding(text: str, target: int = 1 << 16) -> list[str]:
-    """Cut `text` into ~64 KB pieces after a lone newline between two non-space characters.
+    """Cut `text` into ~64 KB pieces after a lone newline that follows a non-space character and is
+    followed by one (or by a single space and one).
 
     GPT-2's pre-tokenizer makes such a newline a piece of its own whether or not the text goes on
-    after it (a longer run of whitespace at the end of a string would be one piece instead), so
-    encoding the pieces separately gives the same ids as encoding the whole text, in parallel."""
+    after it (a longer run of whitespace at the end of a string would be one piece instead), and a
+    single space joins the word after it either way, so encoding the pieces separately gives the same
+    ids as encoding the whole text, in parallel."""
     def boundary(i: int) -> bool:
-        return text[i - 1] == "\n" and not text[i - 2].isspace() and not text[i].isspace()
+        if text[i - 1] != "\n" or text[i - 2].isspace():
+            return False
+        return not text[i].isspace() or (text[i] == " " and not text[i + 1].isspace())
 
     pieces, start = [], 0
     while len(text) - start > target:
         cut = start + target
-        while cut < len(text) - 1 and not boundary(cut):
+        while cut < len(text) - 2 and not boundary(cut):
             cut += 1
-        if cut >= len(text) - 1:
+        if cut >= len(text) - 2:
             break
         pieces.append(text[start:cut])
         start = cut
