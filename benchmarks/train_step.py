@@ -41,6 +41,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="a 2-layer 64-wide model (a smoke test)")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also time samovar with torch.compile (TrainConfig.compile)")
     args = p.parse_args()
     conf = dict(CONFIG, max_position_embeddings=args.context)
     if args.tiny:
@@ -57,8 +58,10 @@ def main() -> None:
     x = torch.randint(cfg.vocab_size, (args.batch, args.context))
     y = torch.randint(cfg.vocab_size, (args.batch, args.context))
 
+    forward = torch.compile(ours) if args.compile else ours
+
     def step_ours():
-        loss = ours(x, y)
+        loss = forward(x, y)
         loss.backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
@@ -82,7 +85,7 @@ def main() -> None:
     flops = ours.flops_per_token()
     print(f"{ours.num_params() / 1e6:.1f}M parameters, batch {args.batch} x {args.context}, fp32, "
           f"{torch.get_num_threads()} threads; measured matmul peak {peak / 1e9:.0f} GFLOP/s")
-    print(f"samovar {a:,.0f} tokens/s (MFU {flops * a / peak:.0%}), HF {b:,.0f} tokens/s (MFU {flops * b / peak:.0%}), "
+    print(f"samovar{' (compiled)' if args.compile else ''} {a:,.0f} tokens/s (MFU {flops * a / peak:.0%}), HF {b:,.0f} tokens/s (MFU {flops * b / peak:.0%}), "
           f"ratio {a / b:.2f}x")
     if args.profile:
         from torch.profiler import profile

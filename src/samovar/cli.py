@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import shutil
 import sys
 import time
@@ -243,6 +244,61 @@ def cmd_plot(args) -> None:
     print(f"wrote {args.out}")
 
 
+# ---- speedrun ------------------------------------------------------------------------------------------
+def process_age() -> float:
+    """Seconds since this process started (interpreter start-up and imports included)."""
+    try:
+        import os
+
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time() - _IMPORTED_AT
+
+
+_IMPORTED_AT = time.time()
+
+
+def cmd_speedrun(args) -> None:
+    """Train the speedrun recipe on tinyshakespeare and time it to the target whole-split val loss."""
+    from .data import prepare
+    from .train import Trainer
+
+    recipe = read_config_file(args.recipe)
+    corpus = Path(args.data or recipe.pop("corpus", None) or
+                  Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare" / "input.txt")
+    recipe.pop("corpus", None)
+    if not corpus.exists():
+        raise ConfigError(f"corpus {corpus} does not exist; give --data path/to/tinyshakespeare/input.txt")
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    meta = prepare([corpus], out / "data", tokenizer="char", special_tokens=())  # nanoGPT's split and vocab
+    sets = parse_sets(args.set)
+    sets.update({"full_val_eval": "true", "plot": "false", "device": args.device})
+    if args.seed is not None:
+        sets["seed"] = str(args.seed)
+    model_cfg, train_cfg = build_configs(None, recipe, sets, meta["vocab_size"])
+    if args.budget_seconds is not None:
+        reserve = 2.0  # the final whole-split evaluation and the last checkpoint
+        train_cfg = dataclasses.replace(train_cfg, max_seconds=max(1.0, args.budget_seconds - process_age() - reserve),
+                                        max_steps=10**9 if args.budget_seconds else train_cfg.max_steps)
+    trainer = Trainer(model_cfg, train_cfg, out / "data", out / "run", progress=args.progress)
+    reached = {}
+
+    def on_eval(step: int, losses: dict) -> None:
+        if "time" not in reached and losses["val"] <= args.target_loss:
+            reached.update(time=process_age(), step=step)
+
+    trainer.eval_hook = on_eval
+    result = trainer.train()
+    t = reached.get("time", math.inf)
+    print(f"{args.recipe}: {trainer.model.num_params():,} parameters, {result['step']} steps, "
+          f"{result['tokens_seen']:,} tokens; whole-split val loss {result['val_loss']:.4f} "
+          f"after {process_age():.1f}s" + (f"; reached {args.target_loss} at step {reached['step']}" if reached else ""))
+    print(f"time_to_target_s={t:.1f} final_val_loss={result['val_loss']:.4f}")
+
+
 # ---- import / export ---------------------------------------------------------------------------------
 def cmd_import(args) -> None:
     from .checkpoint import save_checkpoint
@@ -376,6 +432,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default="hf", choices=["hf"], help="hf: transformers' from_pretrained layout")
     s.add_argument("--out", required=True, help="the folder to write")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("speedrun", help="time a recipe to a whole-split val loss on char-level Shakespeare")
+    s.add_argument("--recipe", default=str(Path(__file__).resolve().parents[2] / "recipes" /
+                                           "speedrun-shakespeare-char.toml"))
+    s.add_argument("--data", help="tinyshakespeare's input.txt (default: ../shared/data/tinyshakespeare)")
+    s.add_argument("--budget-seconds", type=float, default=None,
+                   help="train until this many seconds after start (the schedule follows the clock)")
+    s.add_argument("--target-loss", type=float, default=1.88)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--out", default="runs/speedrun")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--progress", action="store_true", help="show the progress bar")
+    s.set_defaults(func=cmd_speedrun)
 
     s = sub.add_parser("demo", help="download Shakespeare, train a small model, print a sample")
     s.add_argument("--minutes", type=float, default=8.0, help="training budget in minutes")

@@ -89,9 +89,11 @@ class ModelConfig:
     # embeddings and head
     tie_embeddings: bool = False
     embed_scale: bool = False  # multiply token embeddings by sqrt(n_embd) (Gemma)
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap) (Gemma 2, modded-nanogpt)
     # training-time
     dropout: float = 0.0
     init_std: float = 0.02
+    zero_init_out: bool = False  # start the projections that write into the residual stream at zero
 
     def __post_init__(self):
         self.validate()
@@ -162,6 +164,8 @@ class ModelConfig:
                 raise ConfigError(f"experts are gated MLPs: use mlp=swiglu or geglu, not {self.mlp}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            raise ConfigError(f"logit_softcap must be positive, got {self.logit_softcap}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"sliding_window must be positive, got {self.sliding_window}")
 

@@ -131,7 +131,8 @@ def _unsupported(cfg: ModelConfig, **allowed) -> None:
     """Refuse config features a family's HF class cannot express (each allowed one named True)."""
     features = {"qk_norm": cfg.qk_norm, "sliding_window": cfg.sliding_window is not None,
                 "norm_unit_offset": cfg.norm_unit_offset, "embed_scale": cfg.embed_scale,
-                "n_expert": cfg.n_expert > 0, "mla": cfg.attention == "mla", "mlp_bias": cfg.mlp_bias}
+                "n_expert": cfg.n_expert > 0, "mla": cfg.attention == "mla", "mlp_bias": cfg.mlp_bias,
+                "logit_softcap": cfg.logit_softcap is not None}
     bad = [name for name, on in features.items() if on and not allowed.get(name)]
     if bad:
         raise HFError(f"this family cannot express {', '.join(bad)}")

@@ -41,10 +41,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         gain = 1.0 + self.weight.float() if self.unit_offset else self.weight.float()
-        return (x32 * gain).type_as(x)
+        # F.rms_norm is x * rsqrt(mean(x^2) + eps) * gain in one fused kernel (and one backward)
+        return F.rms_norm(x.float(), gain.shape, gain, self.eps).type_as(x)
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
@@ -68,9 +67,10 @@ class Rotary(nn.Module):
         super().__init__()
         inv_freq, attention_factor = rope_frequencies(dim, theta, scaling)
         angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, D/2)
-        angles = torch.cat([angles, angles], dim=-1)  # (max_len, D), the same angle for both halves
-        self.register_buffer("cos", angles.cos() * attention_factor, persistent=False)
-        self.register_buffer("sin", angles.sin() * attention_factor, persistent=False)
+        cos, sin = angles.cos() * attention_factor, angles.sin() * attention_factor
+        self.register_buffer("cos", torch.cat([cos, cos], dim=-1), persistent=False)  # (max_len, D)
+        # sin with the sign of the rotation folded in: [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]
+        self.register_buffer("sin", torch.cat([-sin, sin], dim=-1), persistent=False)
 
     def forward(self, start: int, length: int):
         return self.cos[start:start + length], self.sin[start:start + length]
@@ -128,10 +128,9 @@ def softmax_scale(cfg: ModelConfig, head_dim: int) -> float:
 
 
 def apply_rotary(x, cos, sin):
-    # x: (B, heads, T, D); cos, sin: (T, D)
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated_half = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated_half * sin).type_as(x)
+    """x: (B, heads, T, D); cos, sin: (T, D) from Rotary, whose sin carries the rotation's signs.
+    Rolling x by D/2 swaps its halves: [x1, x2] -> [x2, x1]; times [-sin, sin] gives [-x2 sin, x1 sin]."""
+    return (x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin).type_as(x)
 
 
 # ---- KV cache ----------------------------------------------------------------------------------------

@@ -79,9 +79,13 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.final_norm(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        if self.config.logit_softcap is not None:  # squash logits smoothly into (-cap, cap)
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
         if targets is None:
-            return self.lm_head(x)  # (B, T, vocab_size)
-        logits = self.lm_head(x).float()
+            return logits
+        logits = logits.float()
         if loss_mask is not None:
             targets = targets.masked_fill(~loss_mask.bool(), -100)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
@@ -104,15 +108,19 @@ class Transformer(nn.Module):
         | parameter                                 | init                          |
         |-------------------------------------------|-------------------------------|
         | embeddings, linear weights                | normal(0, init_std)           |
-        | out_proj, down_proj (write the residual)  | normal(0, init_std/sqrt(2L))  |
+        | out_proj, down_proj (write the residual)  | normal(0, init_std/sqrt(2L)), |
+        |                                           | or zeros with zero_init_out   |
         | biases                                    | zeros                         |
         | norm gains                                | ones (zeros with unit offset) |
         """
         cfg = self.config
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                std = init_std_for_residual(cfg) if name.endswith(("out_proj", "down_proj")) else cfg.init_std
+                residual = name.endswith(("out_proj", "down_proj"))
+                std = init_std_for_residual(cfg) if residual else cfg.init_std
                 nn.init.normal_(module.weight, mean=0.0, std=std)
+                if residual and cfg.zero_init_out:
+                    nn.init.zeros_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, (nn.Embedding, Router)):

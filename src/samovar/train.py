@@ -52,6 +52,11 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr: float | None = None  # None: lr / 10
     warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine: decay over the whole run; wsd: hold lr, then decay over cooldown_frac
+    cooldown_frac: float = 0.3  # wsd: the final share of the run spent decaying lr linearly to min_lr
+    optimizer: str = "adamw"  # adamw; or muon: Muon for the blocks' matrices, AdamW for the rest
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -70,7 +75,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more time
     strategy: str = "ddp"  # under torchrun: ddp (replicate) or fsdp (FSDP2: shard parameters and state)
-    peak_flops: float | None = None  # for MFU; None: measured with a matmul at start-up
+    peak_flops: float | None = None  # for MFU; None: measured with a matmul at start-up; 0: no MFU
+    full_val_eval: bool = False  # val loss over the whole val split (exact), not eval_steps batches
+    plot: bool = True  # draw loss.png at the end
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_steps", "log_interval"):
@@ -82,6 +89,12 @@ class TrainConfig:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.strategy not in ("ddp", "fsdp"):
             raise ConfigError(f"strategy must be ddp or fsdp, got {self.strategy!r}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ConfigError(f"schedule must be cosine or wsd, got {self.schedule!r}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
+        if not 0.0 <= self.cooldown_frac <= 1.0:
+            raise ConfigError(f"cooldown_frac must be in [0, 1], got {self.cooldown_frac}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -99,24 +112,65 @@ class TrainingError(RuntimeError):
 
 
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
-    """Linear warmup over warmup_steps, then cosine decay from lr to min_lr as progress goes 0 -> 1."""
+    """Linear warmup over warmup_steps, then, as progress goes 0 -> 1, either cosine decay from lr
+    to min_lr, or (wsd: warmup-stable-decay) lr held until the last cooldown_frac, then a linear decay."""
     min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(max(progress, 0.0), 1.0)
+    if cfg.schedule == "wsd":
+        into_cooldown = (progress - (1.0 - cfg.cooldown_frac)) / max(cfg.cooldown_frac, 1e-9)
+        return cfg.lr - min(max(into_cooldown, 0.0), 1.0) * (cfg.lr - min_lr)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
 
 
+class Optimizers:
+    """Several optimizers stepped as one (Muon for matrices with AdamW for the rest)."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self):
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state):
+        for o, s in zip(self.optimizers, state["optimizers"]):
+            o.load_state_dict(s)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
-    """AdamW with weight decay on matrices only (not on norms, biases or 1-D gains)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW with weight decay on matrices only (not on norms, biases or 1-D gains); with
+    optimizer=muon, Muon (torch.optim.Muon) takes the blocks' 2-D matrices and AdamW the embeddings,
+    the head and every 1-D parameter. Each group remembers its base lr for the schedule."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused,
-                             foreach=None if fused else True)
+    adamw_kw = dict(betas=(cfg.beta1, cfg.beta2), fused=fused, foreach=None if fused else True)
+    muon = {n: p for n, p in params.items() if cfg.optimizer == "muon" and p.dim() == 2 and n.startswith("blocks.")}
+    rest = {n: p for n, p in params.items() if n not in muon}
+    adamw = torch.optim.AdamW([
+        {"params": [p for p in rest.values() if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+        {"params": [p for p in rest.values() if p.dim() < 2], "weight_decay": 0.0, "lr": cfg.lr},
+    ], lr=cfg.lr, **adamw_kw)
+    optimizers = [adamw]
+    if muon:
+        optimizers.append(torch.optim.Muon(list(muon.values()), lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
+                                           momentum=cfg.muon_momentum))
+    for o in optimizers:
+        for group in o.param_groups:
+            group["base_lr"] = group["lr"]
+    return adamw if len(optimizers) == 1 else Optimizers(*optimizers)
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
@@ -191,6 +245,7 @@ class Trainer:
             torch.manual_seed(cfg.seed + self.dist.rank)  # dropout differs between ranks, as it should
         self.peak_flops = cfg.peak_flops
         self.writer = self._tensorboard()
+        self.eval_hook = None  # called as eval_hook(step, {"train": ..., "val": ...}) after each evaluation
 
     def _parallelize(self, model):
         """DDP or FSDP2 under torchrun (applied from outside: the model stays plain), then compile."""
@@ -335,6 +390,9 @@ class Trainer:
         self.model.eval()
         out = {}
         for split in ("train", "val"):
+            if split == "val" and self.cfg.full_val_eval:
+                out[split] = self.full_val_loss()
+                continue
             total = 0.0
             for i in range(self.cfg.eval_steps):
                 x, y = self.batch(split, -1 - i, offset=7, rows=self.rows if len(self.micros) == 1 and
@@ -344,6 +402,16 @@ class Trainer:
             out[split] = self.dist.all_mean([total / self.cfg.eval_steps], self.device)[0]
         self.model.train()
         return out
+
+    @torch.no_grad()
+    def full_val_loss(self) -> float:
+        """The mean loss over every token of the val split (non-overlapping context windows)."""
+        from .evaluation import lm_metrics
+
+        with autocast(self.device, self.dtype):
+            loss = lm_metrics(self.model, self.data.val, batch_size=64)["loss"]
+        self.model.train()
+        return loss
 
     def _micro_step(self, micro: int, last: bool) -> float:
         x, y = self.batch("train", self.step, micro, rows=self.rows)
@@ -362,6 +430,8 @@ class Trainer:
 
         if self.peak_flops is None:
             self.peak_flops = measure_peak_flops(self.device, self.dtype) * self.dist.world_size
+        if cfg.optimizer == "muon" and self.dist.enabled and cfg.strategy == "fsdp":
+            raise ConfigError("optimizer=muon is not supported with strategy=fsdp; use ddp")
         flops_per_token = self.model.flops_per_token()
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model.config.context_len
         ckpt_every = cfg.checkpoint_interval or cfg.eval_interval
@@ -381,7 +451,7 @@ class Trainer:
                 progress = max(progress, elapsed / cfg.max_seconds)
             lr = lr_at(cfg, self.step, progress)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = group["base_lr"] * lr / cfg.lr
             local = sum(self._micro_step(m, i == len(self.micros) - 1) for i, m in enumerate(self.micros))
             loss = self.dist.all_mean([local], self.device)[0]
             if not math.isfinite(loss):
@@ -409,13 +479,15 @@ class Trainer:
                 now = time.time()
                 tps = window_tokens / max(now - window_start, 1e-9)
                 window_start, window_tokens = now, 0
-                mfu = flops_per_token * tps / self.peak_flops
+                mfu = flops_per_token * tps / self.peak_flops if self.peak_flops else None
                 row = {"step": self.step, "loss": round(loss, 5), "lr": f"{lr:.3e}",
                        "grad_norm": None if grad_norm is None else round(grad_norm, 4),
-                       "tokens_per_s": round(tps, 1), "mfu": round(mfu, 4), "tokens": self.tokens_seen,
+                       "tokens_per_s": round(tps, 1), "mfu": None if mfu is None else round(mfu, 4),
+                       "tokens": self.tokens_seen,
                        "elapsed_s": round(self.elapsed + now - session_start, 2),
                        "expert_balance": self.expert_balance()}
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.0%}", refresh=False)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", refresh=False,
+                                **({} if mfu is None else {"mfu": f"{mfu:.0%}"}))
             if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
                 stop = self._evaluate(row, bar)
                 if stop:
@@ -433,7 +505,7 @@ class Trainer:
         if not self.last_eval or self.last_eval.get("step") != self.step:
             self._evaluate(None, None)
         self.save()
-        if self.dist.is_main:
+        if self.dist.is_main and cfg.plot:
             self.plot()
         if self.writer is not None:
             self.writer.close()
@@ -452,6 +524,8 @@ class Trainer:
     def _evaluate(self, row: dict | None, bar) -> str | None:
         losses = self.estimate_loss()
         self.last_eval = {"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"]}
+        if self.eval_hook is not None:
+            self.eval_hook(self.step, losses)
         if row is not None:
             row["val_loss"] = round(losses["val"], 5)
         if self.dist.is_main:
