@@ -194,3 +194,17 @@ def test_deepseek_router_uses_groups_and_bias():
     assert all(len(set(row.tolist())) <= 2 for row in chosen_groups)
     scores = logits.sigmoid().gather(1, experts)
     torch.testing.assert_close(weights, scores / scores.sum(-1, keepdim=True) * cfg.routed_scale)
+
+
+def test_logit_softcap_bounds_logits_and_zero_init_out_starts_at_identity_blocks():
+    cfg = get_preset("llama-tiny").replace(logit_softcap=2.0, zero_init_out=True)
+    model = make(cfg)
+    idx = torch.randint(cfg.vocab_size, (1, 8))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1000)
+    logits = model(idx)
+    assert logits.abs().max() <= 2.0 and logits.abs().max() > 1.5
+    for block in model.blocks:  # the residual writes start at zero: every block is the identity
+        assert block.attn.out_proj.weight.abs().max() == 0 and block.mlp.down_proj.weight.abs().max() == 0
+    with pytest.raises(Exception, match="logit_softcap must be positive"):
+        cfg.replace(logit_softcap=0.0)

@@ -172,3 +172,37 @@ def test_compiled_training_matches_eager(tmp_path, char_data):
     compiled = Trainer(tiny_model(69).replace(dropout=0.0), tiny_train(max_steps=3, eval_interval=3, compile=True),
                        char_data, tmp_path / "compiled", progress=False).train()
     assert compiled["val_loss"] == pytest.approx(eager["val_loss"], abs=1e-3)
+
+
+def test_muon_takes_block_matrices_and_adamw_the_rest(tmp_path, char_data):
+    from samovar.train import Optimizers, make_optimizer
+
+    cfg = get_preset("llama-tiny").replace(vocab_size=69, context_len=32)
+    from samovar.model import Transformer
+
+    model = Transformer(cfg)
+    opt = make_optimizer(model, tiny_train(optimizer="muon", muon_lr=0.05), torch.device("cpu"))
+    assert isinstance(opt, Optimizers)
+    adamw, muon = opt.optimizers
+    muon_params = {id(p) for g in muon.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in muon_params) == (name.startswith("blocks.") and p.dim() == 2), name
+    assert {g["base_lr"] for g in muon.param_groups} == {0.05}
+    run = tmp_path / "run"
+    result = Trainer(cfg, tiny_train(optimizer="muon", muon_lr=0.05, max_steps=20), char_data, run,
+                     progress=False).train()
+    assert result["val_loss"] < 3.0
+    shutil.rmtree(run / "checkpoints" / "step-0000020")  # resume restores both optimizers
+    again = Trainer(cfg, tiny_train(optimizer="muon", muon_lr=0.05, max_steps=20), char_data, run,
+                    resume=True, progress=False)
+    assert again.step == 10 and again.optimizer.optimizers[1].state
+
+
+def test_wsd_schedule_holds_then_decays():
+    cfg = TrainConfig(lr=1e-2, min_lr=0.0, warmup_steps=0, schedule="wsd", cooldown_frac=0.4)
+    assert lr_at(cfg, 10, 0.1) == pytest.approx(1e-2)
+    assert lr_at(cfg, 50, 0.6) == pytest.approx(1e-2)
+    assert lr_at(cfg, 80, 0.8) == pytest.approx(0.5e-2)
+    assert lr_at(cfg, 100, 1.0) == pytest.approx(0.0)
+    with pytest.raises(ConfigError, match="schedule must be"):
+        TrainConfig(schedule="linear")
