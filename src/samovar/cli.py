@@ -276,6 +276,7 @@ def cmd_speedrun(args) -> None:
     meta = prepare([corpus], out / "data", tokenizer="char", special_tokens=())  # nanoGPT's split and vocab
     sets = parse_sets(args.set)
     sets.update({"full_val_eval": "true", "plot": "false", "device": args.device})
+    sets.setdefault("peak_flops", "0")  # no MFU: measuring the matmul peak would cost 0.3 s of the race
     if args.seed is not None:
         sets["seed"] = str(args.seed)
     model_cfg, train_cfg = build_configs(None, recipe, sets, meta["vocab_size"])

@@ -175,10 +175,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
-        return cls(**d)
+        return from_known_fields(cls, d)
 
     def save(self, path: str | Path) -> None:
         from .checkpoint import atomic_write_text
@@ -227,6 +224,14 @@ class ModelConfig:
 
 
 # ---- field parsing shared by --set, config files and the CLI ---------------------------------------
+def from_known_fields(cls, d: dict):
+    """cls(**d), refusing keys that are not fields of the dataclass `cls` (typos) by name."""
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    return cls(**d)
+
+
 def parse_field_value(cls, key: str, value):
     """Convert `value` (a string from the command line, or a TOML/YAML value) to field `key`'s type."""
     fields = {f.name: f for f in dataclasses.fields(cls)}

@@ -479,13 +479,18 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, family: F
         raise HFError(f"the checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. "
                       + ", ".join(sorted(set(missing))[:4]))
     if family.rope_interleaved if interleaved is None else interleaved:
-        for name in list(ours):
-            if name.endswith(("attn.q_proj.weight", "attn.q_up.weight")):
-                ours[name] = _permute_rope_rows(ours[name], cfg.n_head, cfg.qk_nope_head_dim,
-                                                cfg.qk_rope_head_dim, inverse=False)
-            elif name.endswith(("attn.kv_down.weight", "attn.kv_down.bias")):
-                ours[name] = _permute_rope_rows(ours[name], 1, cfg.kv_lora_rank, cfg.qk_rope_head_dim, inverse=False)
+        _permute_rope(ours, cfg, inverse=False)
     return ours
+
+
+def _permute_rope(state: dict[str, torch.Tensor], cfg: ModelConfig, inverse: bool) -> None:
+    """In place: the rows of latent attention's rotated query and key parts, interleaved <-> halves."""
+    for name in list(state):
+        if name.endswith(("attn.q_proj.weight", "attn.q_up.weight")):
+            state[name] = _permute_rope_rows(state[name], cfg.n_head, cfg.qk_nope_head_dim,
+                                             cfg.qk_rope_head_dim, inverse)
+        elif name.endswith(("attn.kv_down.weight", "attn.kv_down.bias")):
+            state[name] = _permute_rope_rows(state[name], 1, cfg.kv_lora_rank, cfg.qk_rope_head_dim, inverse)
 
 
 def _normalise_hf_state(hf_state, cfg: ModelConfig, family: Family) -> dict[str, torch.Tensor]:
@@ -526,12 +531,7 @@ def state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, family: Family
     """An HF state dict (in the per-expert layout every transformers version loads) from ours."""
     state = dict(state)
     if family.rope_interleaved:
-        for name in list(state):
-            if name.endswith(("attn.q_proj.weight", "attn.q_up.weight")):
-                state[name] = _permute_rope_rows(state[name], cfg.n_head, cfg.qk_nope_head_dim,
-                                                 cfg.qk_rope_head_dim, inverse=True)
-            elif name.endswith(("attn.kv_down.weight", "attn.kv_down.bias")):
-                state[name] = _permute_rope_rows(state[name], 1, cfg.kv_lora_rank, cfg.qk_rope_head_dim, inverse=True)
+        _permute_rope(state, cfg, inverse=True)
     table = _expand(family.names, cfg)
     hf = {}
     for name, tensor in state.items():

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, from_known_fields
 from .data import TokenData
 from .model import Transformer
 from .runtime import Dist, autocast, init_distributed, resolve_dtype, seed_everything
@@ -101,10 +101,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
-        return cls(**d)
+        return from_known_fields(cls, d)
 
 
 class TrainingError(RuntimeError):
