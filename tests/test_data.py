@@ -135,3 +135,19 @@ def test_real_qa_corpus_prepares_to_the_one_string_ids(tmp_path):
     data = TokenData.open(tmp_path / "out")
     ids = np.concatenate([data.train, data.val]).tolist()
     assert ids == data.tokenizer().hf.encode(text, add_special_tokens=False).ids
+
+
+def test_parquet_text_column(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    texts = [f"document {i}: " + "Мороз и солнце; " * 30 for i in range(6)]
+    pq.write_table(pa.table({"text": texts, "id": list(range(6))}), tmp_path / "docs.parquet")
+    meta = prepare([tmp_path / "docs.parquet"], tmp_path / "out", tokenizer="char")
+    assert meta["documents"] == 6
+    data = TokenData.open(tmp_path / "out")
+    tok = data.tokenizer()
+    assert tok.decode(np.concatenate([data.train, data.val]).tolist()) == "<|eos|>".join(texts)
+    pq.write_table(pa.table({"body": texts}), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match='cannot read a "text" column'):
+        prepare([tmp_path / "bad.parquet"], tmp_path / "out2")

@@ -79,3 +79,20 @@ def test_bits_per_byte_divide_by_the_texts_bytes(tmp_path):
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def test_compare_prints_a_table_and_draws_a_chart(qa_run, tmp_path):
+    import shutil
+
+    shutil.copytree(qa_run / "run", tmp_path / "other")
+    out = tmp_path / "chart.png"
+    result = run_cli("compare", qa_run / "run", tmp_path / "other", "--data", qa_run / "heldout.txt",
+                     "--max-examples", "5", "--out", out, "--json", tmp_path / "r.json")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "BLEU" in lines[0] and "chrF" in lines[0] and "perplexity" in lines[0]
+    assert lines[2].split()[0] == "run" and lines[3].split()[0] == "other"
+    assert lines[2].split()[2:5] == lines[3].split()[2:5]  # the same weights: the same quality figures
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [r["examples"] for r in rows] == [5, 5]

@@ -5,6 +5,7 @@
     samovar train --preset P --data DIR --out RUN [--config FILE] [--set key=value ...] [--resume RUN]
     samovar generate RUN --prompt TEXT [--max-tokens N --temperature T --top-k K --top-p P --seed S]
     samovar eval RUN --data FILE_OR_DIR [--task auto|lm|qa|dialogue] [--json]
+    samovar compare RUN_A RUN_B ... --data FILE [--out chart.png]
     samovar runs [FOLDER]          samovar plot RUN [RUN ...] --out FILE.png
     samovar import HF_FOLDER --out RUN       samovar export RUN --format hf --out DIR
     samovar demo [--minutes M]
@@ -215,6 +216,24 @@ def cmd_eval(args) -> None:
         print(f"  time to first token {result['ttft_ms']:.1f} ms   decode {result['decode_tokens_per_s']:.1f} tokens/s")
 
 
+def cmd_compare(args) -> None:
+    from .api import LLM
+    from .evaluation import compare_chart, compare_table, evaluate
+
+    rows = []
+    for run in args.runs:
+        llm = LLM.from_path(run, device=args.device, dtype=args.dtype)
+        if llm.tokenizer is None:
+            raise ConfigError(f"{run} has no tokenizer.json")
+        result = evaluate(llm, args.data, task=args.task, max_examples=args.max_examples, max_tokens=args.max_tokens)
+        rows.append({"run": str(run), "params": llm.model.num_params(), **result})
+    print(compare_table(rows))
+    compare_chart(rows, args.out)
+    print(f"wrote {args.out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, ensure_ascii=False, indent=2))
+
+
 # ---- runs and plots --------------------------------------------------------------------------------
 def cmd_runs(args) -> None:
     from .train import run_summary
@@ -413,6 +432,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the results as JSON")
     _device_options(s)
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("compare", help="evaluate several runs on the same data: a table and a bar chart")
+    s.add_argument("runs", nargs="+", help="run or checkpoint folders")
+    s.add_argument("--data", required=True, help="a text file or folder (held-out text, QA or dialogues)")
+    s.add_argument("--task", default="auto", choices=["auto", "lm", "qa", "dialogue"])
+    s.add_argument("--max-examples", type=int, default=100)
+    s.add_argument("--max-tokens", type=int, default=None)
+    s.add_argument("--out", default="compare.png", help="the bar chart to write")
+    s.add_argument("--json", default=None, help="also write the results to this JSON file")
+    _device_options(s)
+    s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("runs", help="list the runs under a folder with their best val loss, steps and tokens")
     s.add_argument("folder", nargs="?", default="runs")

@@ -1,7 +1,7 @@
 """Corpora -> token files, and batches from them.
 
-`prepare` reads text files, folders of them and JSONL (a "text" field per line), trains or loads a
-tokenizer, and writes, nanoGPT-style:
+`prepare` reads text files, folders of them, JSONL (a "text" field per line) and Parquet (a "text"
+column; needs pyarrow), trains or loads a tokenizer, and writes, nanoGPT-style:
 
     DIR/train.bin  DIR/val.bin   token ids, a flat numpy array (uint16 if the vocabulary fits, else uint32)
     DIR/meta.json                dtype, token and byte counts, sources, tokenizer kind
@@ -23,7 +23,7 @@ import torch
 from .checkpoint import atomic_write_bytes, atomic_write_text
 from .tokenizer import DEFAULT_SPECIALS, Tokenizer
 
-TEXT_SUFFIXES = {".txt", ".md", ".text", ".jsonl", ""}
+TEXT_SUFFIXES = {".txt", ".md", ".text", ".jsonl", ".parquet", ""}
 
 
 class DataError(ValueError):
@@ -38,7 +38,7 @@ def find_files(inputs: list[str | Path]) -> list[Path]:
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not found:
-                raise DataError(f"folder {path} holds no text files (.txt, .md, .jsonl)")
+                raise DataError(f"folder {path} holds no text files (.txt, .md, .jsonl, .parquet)")
             files.extend(found)
         elif path.is_file():
             files.append(path)
@@ -51,6 +51,9 @@ def read_documents(files: list[Path]) -> list[str]:
     """One string per document: a whole text file, or each "text" of a JSONL file. CRLF -> LF."""
     docs = []
     for file in files:
+        if file.suffix.lower() == ".parquet":
+            docs.extend(_parquet_texts(file))
+            continue
         raw = file.read_bytes()
         try:
             text = raw.decode("utf-8")
@@ -80,6 +83,18 @@ def _jsonl_texts(file: Path, text: str) -> list[str]:
             raise DataError(f'{file}:{n}: expected an object with a "text" string')
         out.append(record["text"])
     return out
+
+
+def _parquet_texts(file: Path) -> list[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{file}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        table = pq.read_table(file, columns=["text"])
+    except Exception as e:  # pyarrow's own errors: a corrupt file, no "text" column
+        raise DataError(f"{file}: cannot read a \"text\" column: {str(e).splitlines()[0]}") from None
+    return [t.replace("\r\n", "\n") for t in table.column("text").to_pylist() if isinstance(t, str)]
 
 
 def token_dtype(vocab_size: int):

@@ -176,3 +176,55 @@ def evaluate(llm, data: str | Path, task: str = "auto", max_examples: int = 100,
     if with_latency:
         result.update(latency(llm.model))
     return result
+
+
+COMPARE_METRICS = [("perplexity", "perplexity", "{:.2f}"), ("bits_per_byte", "bits/byte", "{:.4f}"),
+                   ("bleu", "BLEU", "{:.2f}"), ("chrf", "chrF", "{:.2f}"), ("ttft_ms", "TTFT ms", "{:.1f}"),
+                   ("decode_tokens_per_s", "decode tok/s", "{:.1f}")]
+
+
+def compare_table(rows: list[dict]) -> str:
+    """A plain-text table of evaluate() results, one run a row."""
+    present = [(k, h, f) for k, h, f in COMPARE_METRICS if any(k in r for r in rows)]
+    header = f"{'run':<32} {'params':>9} " + " ".join(f"{h:>12}" for _, h, _ in present)
+    lines = [header, "-" * len(header)]
+    for name, r in zip(short_names([r["run"] for r in rows]), rows):
+        cells = " ".join(f"{(f.format(r[k]) if k in r else '-'):>12}" for k, _, f in present)
+        lines.append(f"{name[-32:]:<32} {r['params'] / 1e6:>8.2f}M {cells}")
+    return "\n".join(lines)
+
+
+def short_names(paths: list[str]) -> list[str]:
+    """The fewest trailing path parts that tell the runs apart (runs/a/run and runs/b/run: a/run, b/run)."""
+    parts = [Path(p).parts for p in paths]
+    for n in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-n:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]
+
+
+def compare_chart(rows: list[dict], out: str | Path) -> None:
+    """One bar chart a metric, one bar a run; written atomically as PNG."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_write_bytes
+
+    present = [(k, h) for k, h, _ in COMPARE_METRICS if all(k in r for r in rows)]
+    fig, axes = plt.subplots(1, len(present), figsize=(3.2 * len(present), 3.6), squeeze=False)
+    names = short_names([r["run"] for r in rows])
+    for ax, (key, title) in zip(axes[0], present):
+        ax.bar(range(len(rows)), [r[key] for r in rows], color=[f"C{i}" for i in range(len(rows))])
+        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(out, buf.getvalue())
