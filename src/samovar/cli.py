@@ -342,6 +342,12 @@ def cmd_export(args) -> None:
 
 
 # ---- demo --------------------------------------------------------------------------------------------
+# What the speedrun's ablations found (benchmarks/SPEEDRUN.md), applied to the demo's larger model.
+DEMO_RECIPE = dict(position="rope", mlp="relu", qk_norm=True, tie_embeddings=False, zero_init_out=True,
+                   optimizer="muon", muon_lr=0.05, lr=6e-3, warmup_steps=10, schedule="wsd", cooldown_frac=0.5,
+                   min_lr=0.0, weight_decay=0.0)
+
+
 def cmd_demo(args) -> None:
     from .api import generate, load
     from .data import prepare
@@ -359,10 +365,11 @@ def cmd_demo(args) -> None:
           f"({meta['vocab_size']} symbols) in {time.time() - t0:.0f}s")
     run = out / "run"
     shutil.rmtree(run, ignore_errors=True)  # the demo's own previous run
-    model_cfg = get_preset(args.preset).replace(vocab_size=meta["vocab_size"])
-    train_cfg = TrainConfig(batch_size=32, max_steps=100_000, max_seconds=args.minutes * 60, lr=2e-3,
-                            warmup_steps=50, eval_interval=200, eval_steps=10, log_interval=20,
-                            device=args.device, keep_last=1)
+    # the demo's training: the time budget drives the schedule; --set changes anything
+    defaults = dict(batch_size=32, max_steps=10**9, max_seconds=args.minutes * 60, lr=2e-3, warmup_steps=50,
+                    eval_interval=200, eval_steps=10, log_interval=20, device=args.device, keep_last=1)
+    model_cfg, train_cfg = build_configs(args.preset, {**defaults, **DEMO_RECIPE}, parse_sets(args.set),
+                                         meta["vocab_size"])
     trainer = Trainer(model_cfg, train_cfg, out / "data", run)
     print(f"training {args.preset} ({format_count(trainer.model.num_params())} parameters) "
           f"for {args.minutes:g} minutes on {trainer.device} ...")
@@ -484,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/demo")
     s.add_argument("--prompt", default="ROMEO.\n")
     s.add_argument("--max-tokens", type=int, default=600)
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a model or training setting of the demo")
     _device_options(s)
     s.set_defaults(func=cmd_demo)
     return p

@@ -222,9 +222,9 @@ class Trainer:
         self.best_val = math.inf
         self.bad_evals = 0
         self.last_eval: dict = {}
-        rng_states = None
+        saved = None  # optimizer and RNG states of the checkpoint being resumed
         if resume and ckpt.list_checkpoints(self.out):
-            rng_states = self._resume()
+            saved = self._resume()
         else:
             if resume and not self.out.is_dir():
                 raise ckpt.CheckpointError(f"{self.out} does not exist: nothing to resume")
@@ -236,8 +236,8 @@ class Trainer:
             self.dist.barrier()
         self.forward = self._parallelize(self.model)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
-        if rng_states is not None:
-            self._restore_optimizer_and_rng(rng_states)
+        if saved is not None:
+            self._restore_optimizer_and_rng(saved)
         else:
             torch.manual_seed(cfg.seed + self.dist.rank)  # dropout differs between ranks, as it should
         self.peak_flops = cfg.peak_flops
@@ -300,8 +300,8 @@ class Trainer:
                               f"with --tokenizer {folder / 'tokenizer.json'}")
         ckpt.load_state_into(self.model, ckpt.load_weights(folder, self.device), str(folder))
 
-    def _resume(self) -> list:
-        """Model and counters from the latest complete checkpoint; returns the saved RNG states."""
+    def _resume(self) -> dict:
+        """Model and counters from the latest complete checkpoint; returns its optimizer.pt contents."""
         folder = ckpt.resolve_checkpoint(self.out)
         saved = ModelConfig.load(folder / "config.json")
         if saved != self.model.config:
@@ -309,8 +309,8 @@ class Trainer:
                               "preset and --set values")
         ckpt.load_state_into(self.model, ckpt.load_weights(folder, self.device), str(folder))
         state = ckpt.read_json(folder / "trainer_state.json", "trainer state")
-        self._resume_state = ckpt.load_optimizer_state(folder)
-        if self._resume_state is None:
+        saved = ckpt.load_optimizer_state(folder)
+        if saved is None:
             raise ckpt.CheckpointError(f"{folder} has no optimizer.pt: it cannot be resumed exactly")
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
@@ -322,10 +322,10 @@ class Trainer:
             self._save_train_config()
             self._truncate_metrics(self.step)
         self.dist.barrier()
-        return self._resume_state["rng"]
+        return saved
 
-    def _restore_optimizer_and_rng(self, rng: dict) -> None:
-        opt_state = self._resume_state["optimizer"]
+    def _restore_optimizer_and_rng(self, saved: dict) -> None:
+        opt_state, rng = saved["optimizer"], saved["rng"]
         if self.dist.enabled and self.cfg.strategy == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -333,13 +333,11 @@ class Trainer:
                                      options=StateDictOptions(full_state_dict=True))
         else:
             self.optimizer.load_state_dict(opt_state)
-        per_rank = rng["torch"]
-        torch.set_rng_state(per_rank[self.dist.rank] if isinstance(per_rank, list) and
-                            len(per_rank) == self.dist.world_size else
-                            (per_rank[0] if isinstance(per_rank, list) else per_rank))
+        states = rng["torch"]  # one per rank of the run that saved it
+        # (resumed on another number of processes, every rank continues rank 0's dropout stream)
+        torch.set_rng_state(states[self.dist.rank] if len(states) == self.dist.world_size else states[0])
         if self.device.type == "cuda" and rng.get("cuda"):
             torch.cuda.set_rng_state_all(rng["cuda"])
-        del self._resume_state
 
     def _truncate_metrics(self, step: int) -> None:
         """Keep the complete rows up to `step`, in step order; the resumed run logs the rest again
@@ -392,8 +390,7 @@ class Trainer:
                 continue
             total = 0.0
             for i in range(self.cfg.eval_steps):
-                x, y = self.batch(split, -1 - i, offset=7, rows=self.rows if len(self.micros) == 1 and
-                                  self.cfg.grad_accum == 1 else slice(None))
+                x, y = self.batch(split, -1 - i, offset=7, rows=self.rows)  # this rank's share of the rows
                 with autocast(self.device, self.dtype):
                     total += self.forward(x, y).item()
             out[split] = self.dist.all_mean([total / self.cfg.eval_steps], self.device)[0]
