@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 
 def assert_one_line_error(result, fragment):
@@ -177,3 +177,11 @@ def test_yaml_config_and_bad_config_files(cli_run, tmp_path):
     (tmp_path / "bad.yaml").write_text("model: [1, 2\n")
     assert_one_line_error(run_cli("train", "--config", tmp_path / "bad.yaml", "--data", cli_run / "data",
                                   "--out", tmp_path / "r3"), "cannot parse")
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.toml")), ids=lambda p: p.name)
+def test_recipes_parse_into_valid_configs(recipe):
+    from samovar.cli import build_configs, read_config_file
+
+    model_cfg, train_cfg = build_configs(None, read_config_file(recipe), {}, data_vocab=65)
+    assert model_cfg.vocab_size == 65 and train_cfg.max_steps > 0

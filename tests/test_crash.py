@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from samovar.api import load
 from samovar.checkpoint import list_checkpoints

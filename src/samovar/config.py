@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 NORMS = ("layernorm", "rmsnorm")

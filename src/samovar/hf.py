@@ -613,7 +613,7 @@ def export_hf(model, tokenizer, out: str | Path, max_shard_bytes: int = 2 << 30)
     """Write an HF model folder that `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` load."""
     from safetensors.torch import save_file
 
-    from .checkpoint import atomic_write_bytes, model_state
+    from .checkpoint import model_state
 
     out = Path(out)
     cfg = model.config
