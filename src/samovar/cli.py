@@ -285,13 +285,13 @@ def cmd_speedrun(args) -> None:
     from .train import Trainer
 
     recipe = read_config_file(args.recipe)
-    corpus = Path(args.data or recipe.pop("corpus", None) or
-                  Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare" / "input.txt")
-    recipe.pop("corpus", None)
+    corpus = Path(args.data or Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare" /
+                  "input.txt")
     if not corpus.exists():
         raise ConfigError(f"corpus {corpus} does not exist; give --data path/to/tinyshakespeare/input.txt")
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
+    for own in ("data", "run"):  # the previous race's folders (and nothing else under --out)
+        shutil.rmtree(out / own, ignore_errors=True)
     meta = prepare([corpus], out / "data", tokenizer="char", special_tokens=())  # nanoGPT's split and vocab
     sets = parse_sets(args.set)
     sets.update({"full_val_eval": "true", "plot": "false", "device": args.device})
@@ -301,8 +301,8 @@ def cmd_speedrun(args) -> None:
     model_cfg, train_cfg = build_configs(None, recipe, sets, meta["vocab_size"])
     if args.budget_seconds is not None:
         reserve = 2.0  # the final whole-split evaluation and the last checkpoint
-        train_cfg = dataclasses.replace(train_cfg, max_seconds=max(1.0, args.budget_seconds - process_age() - reserve),
-                                        max_steps=10**9 if args.budget_seconds else train_cfg.max_steps)
+        train_cfg = dataclasses.replace(train_cfg, max_steps=10**9,
+                                        max_seconds=max(1.0, args.budget_seconds - process_age() - reserve))
     trainer = Trainer(model_cfg, train_cfg, out / "data", out / "run", progress=args.progress)
     reached = {}
 
