@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from samovar.config import PRESETS, ConfigError, ModelConfig, get_preset, parse_field_value
-from samovar.model import Transformer
+from samovar.model import build_model
 
 # Published parameter counts (HF model cards / the models' own reports).
 PUBLISHED = {
@@ -32,7 +32,7 @@ def test_large_presets_have_published_parameter_counts(name):
 def test_counted_parameters_equal_the_built_model(name):
     cfg = PRESETS[name]
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = build_model(cfg)
     assert model.num_params() == cfg.num_params()
 
 

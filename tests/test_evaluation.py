@@ -6,7 +6,8 @@ import torch
 
 from samovar.api import LLM
 from samovar.config import get_preset
-from samovar.evaluation import dialogue_pairs, evaluate, lm_metrics, qa_pairs
+from samovar.data import dialogue_pairs, qa_pairs
+from samovar.evaluation import evaluate, lm_metrics
 from samovar.model import Transformer
 from samovar.tokenizer import Tokenizer
 

@@ -18,7 +18,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import ModelConfig
 from .engine import Engine, GenerationError, SamplingParams
-from .model import Transformer
+from .model import Transformer, build_model
 from .runtime import resolve_device, resolve_dtype
 from .tokenizer import Tokenizer
 
@@ -29,7 +29,7 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto") -> tuple[T
     folder = ckpt.resolve_checkpoint(path)
     cfg = ModelConfig.load(folder / "config.json")
     dev = resolve_device(device)
-    model = Transformer(cfg)
+    model = build_model(cfg)
     ckpt.load_state_into(model, ckpt.load_weights(folder), str(folder))
     model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval()
     tokenizer = Tokenizer.load(folder / "tokenizer.json") if (folder / "tokenizer.json").exists() else None
@@ -64,6 +64,15 @@ def stream_text(tokenizer: Tokenizer, ids: Iterator[int]) -> Iterator[str]:
         yield text[len(sent):]
 
 
+def greedy_ids(model, prompt: list[int], max_tokens: int, stop_ids=(), vocab_limit: int | None = None):
+    """Greedy new ids from either kind of model: the Transformer's Engine, or the LSTM baseline's
+    decoder."""
+    if model.config.arch == "lstm-seq2seq":
+        return model.generate(prompt, max_tokens, stop_ids)
+    return Engine(model, vocab_limit=vocab_limit).generate(prompt, SamplingParams(max_tokens=max_tokens,
+                                                                                 temperature=0), stop_ids)
+
+
 def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_tokens: int = 256,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, ignore_eos: bool = False, stream: bool = False):
@@ -76,7 +85,12 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_tokens: 
         raise GenerationError("this checkpoint has no tokenizer.json; copy the model's tokenizer.json into it")
     ids = prompt_ids(tokenizer, prompt)
     stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    token_stream = Engine(model, vocab_limit=tokenizer.vocab_size).generate(ids, params, stop_ids=stop)
+    if model.config.arch == "lstm-seq2seq":
+        if params.temperature != 0:
+            raise GenerationError("the lstm-seq2seq baseline decodes greedily: use temperature 0")
+        token_stream = model.generate(ids, params.max_tokens, [] if params.ignore_eos else stop)
+    else:
+        token_stream = Engine(model, vocab_limit=tokenizer.vocab_size).generate(ids, params, stop_ids=stop)
     pieces = stream_text(tokenizer, token_stream)
     if stream:
         return pieces

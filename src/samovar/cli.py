@@ -71,10 +71,12 @@ def cmd_prepare(args) -> None:
     specials = () if args.no_special_tokens else None
     kwargs = {} if specials is None else {"special_tokens": specials}
     meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                   val_fraction=args.val_fraction, context_len=args.context_len, **kwargs)
+                   val_fraction=args.val_fraction, context_len=args.context_len, pairs=args.pairs, **kwargs)
     print(f"{meta['tokenizer']} tokenizer, vocabulary {meta['vocab_size']}: "
           f"{meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({meta['dtype']}) "
-          f"from {len(meta['sources'])} file(s) -> {args.out}")
+          f"from {len(meta['sources'])} file(s)"
+          + (f", {meta['pairs']['train']:,} + {meta['pairs']['val']:,} {meta['pairs']['format']} pairs" if "pairs" in meta
+             else "") + f" -> {args.out}")
 
 
 # ---- train -------------------------------------------------------------------------------------------
@@ -400,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val-fraction", type=float, default=0.1, help="share of tokens held out (the tail)")
     s.add_argument("--context-len", type=int, default=None, help="fail unless each split holds a context")
     s.add_argument("--no-special-tokens", action="store_true", help="no bos/eos/pad (a pure char vocabulary)")
+    s.add_argument("--pairs", choices=["qa", "dialogue"], default=None,
+                   help="also write prompt/answer pairs (T:/Q:/A: blocks or '- ' dialogues) for objective=sft")
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("train", help="train a model on prepared data")

@@ -19,6 +19,7 @@ POSITIONS = ("learned", "rope", "none")
 MLPS = ("gelu", "relu", "relu2", "swiglu", "geglu")  # swiglu and geglu are gated: three matrices
 GELU_APPROX = ("none", "tanh")
 NORM_PLACEMENTS = ("pre", "post")
+ARCHS = ("transformer", "lstm-seq2seq")  # lstm-seq2seq: the LSTM encoder-decoder baseline (lstm.py)
 ATTENTIONS = ("mha", "mla")  # mha covers multi-head, grouped-query and multi-query attention
 ROUTERS = ("softmax", "sigmoid")
 # rope_scaling: {"type": ..., and that type's keys}
@@ -38,6 +39,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "custom"
     family: str = "custom"  # shown by `samovar presets`; never used to choose behaviour
+    arch: str = "transformer"
     vocab_size: int = 256
     context_len: int = 256
     n_layer: int = 4
@@ -133,7 +135,7 @@ class ModelConfig:
     def validate(self) -> None:
         for name, allowed in (("norm", NORMS), ("position", POSITIONS), ("mlp", MLPS),
                               ("gelu_approx", GELU_APPROX), ("norm_placement", NORM_PLACEMENTS),
-                              ("attention", ATTENTIONS), ("router", ROUTERS)):
+                              ("attention", ATTENTIONS), ("router", ROUTERS), ("arch", ARCHS)):
             value = getattr(self, name)
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
@@ -196,6 +198,8 @@ class ModelConfig:
     def num_params(self) -> int:
         """Parameter count, computed from the shapes alone (no tensors are allocated)."""
         d, h, kv, hd = self.n_embd, self.n_head, self.kv_heads, self.head_size
+        if self.arch == "lstm-seq2seq":  # embedding, 2 x n_layer LSTM layers (4 gates, 2 biases), head
+            return self.vocab_size * d * (1 if self.tie_embeddings else 2) + 2 * self.n_layer * 4 * (2 * d * d + 2 * d)
         norm = d * (2 if self.norm == "layernorm" and self.norm_bias else 1)
         if self.attention == "mla":
             qk, r = self.qk_nope_head_dim + self.qk_rope_head_dim, self.kv_lora_rank
@@ -364,6 +368,9 @@ PRESETS: dict[str, ModelConfig] = {
         ModelConfig(name="gpt-mini-char", family="gpt2", vocab_size=65, context_len=256, n_layer=6,
                     n_head=6, n_embd=384, norm="layernorm", position="learned", mlp="gelu",
                     attn_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True, dropout=0.15),
+        # The LSTM encoder-decoder baseline (lstm.py), about the size of gpt-mini-char at 65 symbols
+        ModelConfig(name="lstm-seq2seq", family="lstm", arch="lstm-seq2seq", vocab_size=65, context_len=256,
+                    n_layer=2, n_head=1, n_embd=576, dropout=0.1),
         # A smaller char model that learns visibly within a few CPU minutes (the demo's default)
         ModelConfig(name="char-small", family="gpt2", vocab_size=65, context_len=128, n_layer=4,
                     n_head=4, n_embd=192, norm="layernorm", position="learned", mlp="gelu",

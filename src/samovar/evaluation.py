@@ -14,7 +14,6 @@ line, and sacrebleu scores the answers against the references.
 from __future__ import annotations
 
 import math
-import re
 import statistics
 import time
 from pathlib import Path
@@ -22,7 +21,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DataError, find_files, read_documents
+from .data import (PAIR_FORMATS, DataError, detect_task, encode_pairs, find_files, pair_batch,
+                   read_documents)
+
+
+# ---- answers of prompt/answer pairs ---------------------------------------------------------------------
+@torch.inference_mode()
+def answer_metrics(model, ids, index, batch_size: int = 32) -> dict:
+    """Mean loss and perplexity of the answers given their prompts, over every pair: comparable
+    between a decoder-only Transformer and the LSTM encoder-decoder."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for b in range(0, len(index), batch_size):
+        x, y, mask = pair_batch(ids, index, range(b, min(b + batch_size, len(index))), model.config.context_len)
+        n = int(mask.sum())
+        total += model(x.to(device), y.to(device), loss_mask=mask.to(device)).item() * n
+        count += n
+    model.train(was_training)
+    return {"answer_loss": total / count, "answer_perplexity": math.exp(min(total / count, 700)),
+            "answer_tokens": count}
 
 
 # ---- language-model metrics ------------------------------------------------------------------------
@@ -57,40 +76,6 @@ def lm_metrics(model, ids, n_bytes: int | None = None, batch_size: int = 16) -> 
 
 
 # ---- question/answer and dialogue data ---------------------------------------------------------------
-def qa_pairs(text: str) -> list[tuple[str, str]]:
-    """(prompt, reference) pairs from `T:/Q:/A:` blocks; the prompt ends with "A:"."""
-    pairs = []
-    for block in re.split(r"\n\s*\n", text.replace("\r\n", "\n")):
-        lines = [line for line in block.strip().split("\n") if line.strip()]
-        answers = [i for i, line in enumerate(lines) if line.startswith("A:")]
-        if not answers:
-            continue
-        i = answers[-1]
-        prompt = "\n".join(lines[:i]) + "\nA:"
-        pairs.append((prompt, lines[i][2:].strip()))
-    return pairs
-
-
-def dialogue_pairs(text: str) -> list[tuple[str, str]]:
-    """(prompt, reference) pairs from dialogues: the earlier turns, then "- ", against the last turn."""
-    pairs = []
-    for block in re.split(r"\n\s*\n", text.replace("\r\n", "\n")):
-        turns = [line for line in block.strip().split("\n") if line.startswith("- ")]
-        if len(turns) < 2:
-            continue
-        pairs.append(("\n".join(turns[:-1]) + "\n- ", turns[-1][2:].strip()))
-    return pairs
-
-
-def detect_task(text: str) -> str:
-    head = text[:20_000]
-    if re.search(r"^Q:.*\nA:", head, re.M):
-        return "qa"
-    if len(re.findall(r"^- ", head, re.M)) > 10:
-        return "dialogue"
-    return "lm"
-
-
 def generation_metrics(answer, pairs: list[tuple[str, str]]) -> dict:
     """BLEU and chrF (sacrebleu, corpus level) of answer(prompt) against the references."""
     try:
@@ -107,15 +92,15 @@ def generation_metrics(answer, pairs: list[tuple[str, str]]) -> dict:
 
 
 def lm_answer(llm, max_tokens: int = 48):
-    """A decoder-only model's answer: its greedy continuation of the prompt, up to the line's end."""
+    """A model's answer: its greedy continuation of the prompt (the decoder's output for the LSTM
+    encoder-decoder), up to the line's end."""
+    from .api import greedy_ids
+
     def answer(prompt: str) -> str:
         ids = llm.tokenizer.encode(prompt)[-(llm.model.config.context_len - max_tokens):]
-        from .engine import Engine, SamplingParams
-
-        engine = Engine(llm.model, vocab_limit=llm.tokenizer.vocab_size)
         out = []
-        for token in engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0),
-                                     stop_ids=[llm.tokenizer.eos_id] if llm.tokenizer.eos_id is not None else []):
+        stop = [llm.tokenizer.eos_id] if llm.tokenizer.eos_id is not None else []
+        for token in greedy_ids(llm.model, ids, max_tokens, stop, vocab_limit=llm.tokenizer.vocab_size):
             out.append(token)
             if "\n" in llm.tokenizer.decode(out[-4:]):
                 break
@@ -128,16 +113,15 @@ def lm_answer(llm, max_tokens: int = 48):
 @torch.inference_mode()
 def latency(model, prompt_tokens: int = 32, new_tokens: int = 64, repeats: int = 3) -> dict:
     """Median time to first token (prefill + one sample) and decode tokens/s, greedy, batch 1."""
-    from .engine import Engine, SamplingParams
+    from .api import greedy_ids
 
-    engine = Engine(model)
     prompt_tokens = min(prompt_tokens, model.config.context_len // 2)
     new_tokens = min(new_tokens, model.config.context_len - prompt_tokens)
     prompt = [i % model.config.vocab_size for i in range(1, prompt_tokens + 1)]
     ttft, rates = [], []
     for _ in range(repeats + 1):  # the first round warms up
         start = time.perf_counter()
-        stream = engine.generate(prompt, SamplingParams(max_tokens=new_tokens, temperature=0))
+        stream = greedy_ids(model, prompt, new_tokens)
         next(stream)
         first = time.perf_counter()
         n = 1 + sum(1 for _ in stream)
@@ -162,15 +146,21 @@ def evaluate(llm, data: str | Path, task: str = "auto", max_examples: int = 100,
     task = detect_task(text) if task == "auto" else task
     if task not in ("lm", "qa", "dialogue"):
         raise DataError(f"unknown task {task!r}; use auto, lm, qa or dialogue")
-    ids = llm.tokenizer.encode(text)
-    if max_tokens is not None and len(ids) > max_tokens:  # the first max_tokens tokens, and their bytes
-        ids = ids[:max_tokens]
-        text = llm.tokenizer.decode(ids)
-    result = {"data": str(data), "task": task, **lm_metrics(llm.model, ids, len(text.encode("utf-8")))}
+    seq2seq = llm.model.config.arch == "lstm-seq2seq"
+    if seq2seq and task == "lm":
+        raise DataError("the lstm-seq2seq baseline answers prompts: evaluate it on qa or dialogue data")
+    result = {"data": str(data), "task": task}
+    if not seq2seq:  # loss over the whole text: only a language model has one
+        ids = llm.tokenizer.encode(text)
+        if max_tokens is not None and len(ids) > max_tokens:  # the first max_tokens tokens, and their bytes
+            ids = ids[:max_tokens]
+            text = llm.tokenizer.decode(ids)
+        result.update(lm_metrics(llm.model, ids, len(text.encode("utf-8"))))
     if task != "lm":
-        pairs = (qa_pairs if task == "qa" else dialogue_pairs)(read_eval_text(data))
+        pairs = PAIR_FORMATS[task](text)
         if not pairs:
             raise DataError(f"no {task} examples found in {data}")
+        result.update(answer_metrics(llm.model, *encode_pairs(llm.tokenizer, pairs, task)))
         step = max(1, len(pairs) // max_examples)  # spread the examples over the file
         result.update(generation_metrics(lm_answer(llm), pairs[::step][:max_examples]))
     if with_latency:
@@ -179,6 +169,7 @@ def evaluate(llm, data: str | Path, task: str = "auto", max_examples: int = 100,
 
 
 COMPARE_METRICS = [("perplexity", "perplexity", "{:.2f}"), ("bits_per_byte", "bits/byte", "{:.4f}"),
+                   ("answer_perplexity", "answer ppl", "{:.2f}"),
                    ("bleu", "BLEU", "{:.2f}"), ("chrf", "chrF", "{:.2f}"), ("ttft_ms", "TTFT ms", "{:.1f}"),
                    ("decode_tokens_per_s", "decode tok/s", "{:.1f}")]
 

@@ -413,6 +413,8 @@ def config_from_hf(hf: dict) -> tuple[ModelConfig, Family]:
 
 
 def config_to_hf(cfg: ModelConfig) -> tuple[dict, Family]:
+    if cfg.arch != "transformer":
+        raise HFError(f"a {cfg.arch} model has no HuggingFace counterpart to export to")
     preferred = EXPORT_PREFERENCE.get(cfg.family)
     order = ([preferred] if preferred else []) + [k for k in FAMILIES if k != preferred]
     errors = []

@@ -146,3 +146,12 @@ class Transformer(nn.Module):
         """An empty cache for `batch_size` sequences, on the model's device and in its dtype."""
         p = self.tok_emb.weight
         return KVCache(self.config, batch_size, max_len or self.config.context_len, p.device, p.dtype)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model a config describes: the Transformer, or (arch="lstm-seq2seq") the LSTM baseline."""
+    if cfg.arch == "lstm-seq2seq":
+        from .lstm import Seq2SeqLSTM
+
+        return Seq2SeqLSTM(cfg)
+    return Transformer(cfg)

@@ -34,8 +34,8 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import ConfigError, ModelConfig, from_known_fields
-from .data import TokenData
-from .model import Transformer
+from .data import TokenData, pair_batch
+from .model import build_model
 from .runtime import Dist, autocast, init_distributed, resolve_dtype, seed_everything
 from .tokenizer import Tokenizer
 
@@ -77,6 +77,7 @@ class TrainConfig:
     strategy: str = "ddp"  # under torchrun: ddp (replicate) or fsdp (FSDP2: shard parameters and state)
     peak_flops: float | None = None  # for MFU; None: measured with a matmul at start-up; 0: no MFU
     full_val_eval: bool = False  # val loss over the whole val split (exact), not eval_steps batches
+    objective: str = "lm"  # lm: next token everywhere; sft: only the answers of the data's prompt/answer pairs
     plot: bool = True  # draw loss.png at the end
 
     def __post_init__(self):
@@ -89,6 +90,8 @@ class TrainConfig:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.strategy not in ("ddp", "fsdp"):
             raise ConfigError(f"strategy must be ddp or fsdp, got {self.strategy!r}")
+        if self.objective not in ("lm", "sft"):
+            raise ConfigError(f"objective must be lm or sft, got {self.objective!r}")
         if self.schedule not in ("cosine", "wsd"):
             raise ConfigError(f"schedule must be cosine or wsd, got {self.schedule!r}")
         if self.optimizer not in ("adamw", "muon"):
@@ -205,6 +208,10 @@ class Trainer:
         self.out = Path(out)
         self.data = TokenData.open(data)
         self.data.check_context(model_cfg.context_len)
+        if cfg.objective == "sft" and not self.data.has_pairs:
+            raise ConfigError(f"objective=sft needs prompt/answer pairs: prepare {data} with --pairs qa or dialogue")
+        if model_cfg.arch == "lstm-seq2seq" and cfg.objective != "sft":
+            raise ConfigError("the lstm-seq2seq baseline trains on prompt/answer pairs: set objective=sft")
         self.tokenizer = self.data.tokenizer()
         if self.tokenizer.vocab_size > model_cfg.vocab_size:
             raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} tokens, more than the "
@@ -214,7 +221,7 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.progress = progress if self.dist.is_main else False
         seed_everything(cfg.seed)  # the same initial weights on every rank
-        self.model = Transformer(model_cfg).to(self.device)
+        self.model = build_model(model_cfg).to(self.device)
         self.model.activation_checkpointing = cfg.activation_checkpointing
         self.step = 0
         self.tokens_seen = 0
@@ -249,6 +256,8 @@ class Trainer:
         if self.dist.enabled and self.cfg.strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
+            if not hasattr(model, "blocks"):
+                raise ConfigError("strategy=fsdp shards Transformer blocks; use ddp for this model")
             for block in model.blocks:
                 fully_shard(block)
             fully_shard(model)
@@ -374,9 +383,16 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------------
     def batch(self, split: str, step: int, micro: int = 0, offset: int = 0, rows: slice = slice(None)):
+        """(x, y, loss_mask) of one micro-batch: random windows of the token stream (loss_mask None),
+        or random prompt/answer pairs with objective=sft."""
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 1_009 + micro + offset)
-        x, y = self.data.batch(split, self.cfg.batch_size, self.model.config.context_len, g, rows)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        T = self.model.config.context_len
+        if self.cfg.objective == "sft":
+            which = torch.randint(self.data.n_pairs(split), (self.cfg.batch_size,), generator=g)[rows].tolist()
+            x, y, mask = pair_batch(*self.data.pairs(split), which, T)
+            return x.to(self.device), y.to(self.device), mask.to(self.device)
+        x, y = self.data.batch(split, self.cfg.batch_size, T, g, rows)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), None
 
     @torch.no_grad()
     def estimate_loss(self) -> dict[str, float]:
@@ -390,31 +406,35 @@ class Trainer:
                 continue
             total = 0.0
             for i in range(self.cfg.eval_steps):
-                x, y = self.batch(split, -1 - i, offset=7, rows=self.rows)  # this rank's share of the rows
+                x, y, mask = self.batch(split, -1 - i, offset=7, rows=self.rows)  # this rank's share of the rows
                 with autocast(self.device, self.dtype):
-                    total += self.forward(x, y).item()
+                    total += self.forward(x, y, loss_mask=mask).item()
             out[split] = self.dist.all_mean([total / self.cfg.eval_steps], self.device)[0]
         self.model.train()
         return out
 
     @torch.no_grad()
     def full_val_loss(self) -> float:
-        """The mean loss over every token of the val split (non-overlapping context windows)."""
-        from .evaluation import lm_metrics
+        """The mean loss over every token of the val split (non-overlapping context windows), or over
+        every answer of the val pairs with objective=sft."""
+        from .evaluation import answer_metrics, lm_metrics
 
         with autocast(self.device, self.dtype):
-            loss = lm_metrics(self.model, self.data.val, batch_size=64)["loss"]
+            if self.cfg.objective == "sft":
+                loss = answer_metrics(self.model, *self.data.pairs("val"))["answer_loss"]
+            else:
+                loss = lm_metrics(self.model, self.data.val, batch_size=64)["loss"]
         self.model.train()
         return loss
 
     def _micro_step(self, micro: int, last: bool) -> float:
-        x, y = self.batch("train", self.step, micro, rows=self.rows)
+        x, y, mask = self.batch("train", self.step, micro, rows=self.rows)
         sync = contextlib.nullcontext()
         if not last and hasattr(self.forward, "no_sync"):
             sync = self.forward.no_sync()  # DDP: all-reduce gradients once, after the last micro-batch
         with sync:
             with autocast(self.device, self.dtype):
-                loss = self.forward(x, y) / len(self.micros)
+                loss = self.forward(x, y, loss_mask=mask) / len(self.micros)
             loss.backward()
         return loss.item()
 
