@@ -64,13 +64,14 @@ def stream_text(tokenizer: Tokenizer, ids: Iterator[int]) -> Iterator[str]:
         yield text[len(sent):]
 
 
-def greedy_ids(model, prompt: list[int], max_tokens: int, stop_ids=(), vocab_limit: int | None = None):
-    """Greedy new ids from either kind of model: the Transformer's Engine, or the LSTM baseline's
-    decoder."""
+def new_ids(model, prompt: list[int], params: SamplingParams, stop_ids=(), vocab_limit: int | None = None):
+    """New ids from either kind of model: the Transformer's Engine, or the LSTM baseline's decoder
+    (greedy only)."""
     if model.config.arch == "lstm-seq2seq":
-        return model.generate(prompt, max_tokens, stop_ids)
-    return Engine(model, vocab_limit=vocab_limit).generate(prompt, SamplingParams(max_tokens=max_tokens,
-                                                                                 temperature=0), stop_ids)
+        if params.temperature != 0:
+            raise GenerationError("the lstm-seq2seq baseline decodes greedily: use temperature 0")
+        return model.generate(prompt, params.max_tokens, [] if params.ignore_eos else stop_ids)
+    return Engine(model, vocab_limit=vocab_limit).generate(prompt, params, stop_ids=stop_ids)
 
 
 def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_tokens: int = 256,
@@ -85,13 +86,7 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_tokens: 
         raise GenerationError("this checkpoint has no tokenizer.json; copy the model's tokenizer.json into it")
     ids = prompt_ids(tokenizer, prompt)
     stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    if model.config.arch == "lstm-seq2seq":
-        if params.temperature != 0:
-            raise GenerationError("the lstm-seq2seq baseline decodes greedily: use temperature 0")
-        token_stream = model.generate(ids, params.max_tokens, [] if params.ignore_eos else stop)
-    else:
-        token_stream = Engine(model, vocab_limit=tokenizer.vocab_size).generate(ids, params, stop_ids=stop)
-    pieces = stream_text(tokenizer, token_stream)
+    pieces = stream_text(tokenizer, new_ids(model, ids, params, stop, vocab_limit=tokenizer.vocab_size))
     if stream:
         return pieces
     return "".join(pieces)

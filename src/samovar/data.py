@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -288,6 +288,7 @@ class TokenData:
     meta: dict
     train: np.ndarray
     val: np.ndarray
+    _pair_cache: dict = field(default_factory=dict, repr=False)  # split -> (ids, index), read on first use
 
     @classmethod
     def open(cls, folder: str | Path) -> "TokenData":
@@ -317,9 +318,8 @@ class TokenData:
     def has_pairs(self) -> bool:
         return "pairs" in self.meta
 
-    def _pairs(self, split: str):
-        if not hasattr(self, "_pair_cache"):
-            self._pair_cache = {}
+    def pairs(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, index) of a split's prompt/answer pairs (see encode_pairs and pair_batch)."""
         if split not in self._pair_cache:
             if not self.has_pairs:
                 raise DataError(f"{self.folder} has no prompt/answer pairs: prepare it with --pairs qa or dialogue")
@@ -328,11 +328,9 @@ class TokenData:
         return self._pair_cache[split]
 
     def n_pairs(self, split: str) -> int:
-        return len(self._pairs(split)[1])
+        return len(self.pairs(split)[1])
 
-    def pairs(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, index) of a split's prompt/answer pairs (see encode_pairs and pair_batch)."""
-        return self._pairs(split)
+
 
     def check_context(self, context_len: int) -> None:
         for split in ("train", "val"):

@@ -94,13 +94,16 @@ def generation_metrics(answer, pairs: list[tuple[str, str]]) -> dict:
 def lm_answer(llm, max_tokens: int = 48):
     """A model's answer: its greedy continuation of the prompt (the decoder's output for the LSTM
     encoder-decoder), up to the line's end."""
-    from .api import greedy_ids
+    from .api import new_ids
+    from .engine import SamplingParams
+
+    greedy = SamplingParams(max_tokens=max_tokens, temperature=0)
 
     def answer(prompt: str) -> str:
         ids = llm.tokenizer.encode(prompt)[-(llm.model.config.context_len - max_tokens):]
         out = []
         stop = [llm.tokenizer.eos_id] if llm.tokenizer.eos_id is not None else []
-        for token in greedy_ids(llm.model, ids, max_tokens, stop, vocab_limit=llm.tokenizer.vocab_size):
+        for token in new_ids(llm.model, ids, greedy, stop, vocab_limit=llm.tokenizer.vocab_size):
             out.append(token)
             if "\n" in llm.tokenizer.decode(out[-4:]):
                 break
@@ -113,7 +116,8 @@ def lm_answer(llm, max_tokens: int = 48):
 @torch.inference_mode()
 def latency(model, prompt_tokens: int = 32, new_tokens: int = 64, repeats: int = 3) -> dict:
     """Median time to first token (prefill + one sample) and decode tokens/s, greedy, batch 1."""
-    from .api import greedy_ids
+    from .api import new_ids
+    from .engine import SamplingParams
 
     prompt_tokens = min(prompt_tokens, model.config.context_len // 2)
     new_tokens = min(new_tokens, model.config.context_len - prompt_tokens)
@@ -121,7 +125,7 @@ def latency(model, prompt_tokens: int = 32, new_tokens: int = 64, repeats: int =
     ttft, rates = [], []
     for _ in range(repeats + 1):  # the first round warms up
         start = time.perf_counter()
-        stream = greedy_ids(model, prompt, new_tokens)
+        stream = new_ids(model, prompt, SamplingParams(max_tokens=new_tokens, temperature=0))
         next(stream)
         first = time.perf_counter()
         n = 1 + sum(1 for _ in stream)
