@@ -110,5 +110,8 @@ def test_lstm_baseline_beside_a_transformer_on_real_qa(tmp_path):
         assert {"bleu", "chrf", "ttft_ms", "decode_tokens_per_s"} <= set(r)
     assert "perplexity" not in rows[0] and "perplexity" in rows[1]  # the LSTM has no whole-text loss
     assert out.read_bytes()[:4] == b"\x89PNG"
+    text = run_cli("eval", tmp_path / "lstm", "--data", tmp_path / "heldout.txt", "--max-examples", "3", "--no-latency")
+    assert text.returncode == 0, text.stderr
+    assert "answer perplexity" in text.stdout and "bits per byte" not in text.stdout
     bad = run_cli("eval", tmp_path / "lstm", "--data", tmp_path / "heldout.txt", "--task", "lm")
     assert bad.returncode == 2 and "evaluate it on qa or dialogue data" in bad.stderr

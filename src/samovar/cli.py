@@ -194,21 +194,31 @@ def cmd_generate(args) -> None:
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------
-def cmd_eval(args) -> None:
+def load_for_eval(run, args):
     from .api import LLM
+
+    llm = LLM.from_path(run, device=args.device, dtype=args.dtype)
+    if llm.tokenizer is None:
+        raise ConfigError(f"{run} has no tokenizer.json")
+    return llm
+
+
+def cmd_eval(args) -> None:
     from .evaluation import evaluate
 
-    llm = LLM.from_path(args.run, device=args.device, dtype=args.dtype)
-    if llm.tokenizer is None:
-        raise ConfigError(f"{args.run} has no tokenizer.json")
+    llm = load_for_eval(args.run, args)
     result = evaluate(llm, args.data, task=args.task, max_examples=args.max_examples, max_tokens=args.max_tokens,
                       with_latency=not args.no_latency)
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
         return
-    print(f"{args.run} on {args.data} ({result['task']}, {result['tokens']:,} tokens)")
-    print(f"  loss {result['loss']:.4f}   perplexity {result['perplexity']:.2f}   "
-          f"bits per byte {result['bits_per_byte']:.4f}")
+    print(f"{args.run} on {args.data} ({result['task']})")
+    if "loss" in result:  # a language model's loss over the whole text (the LSTM baseline has none)
+        print(f"  loss {result['loss']:.4f}   perplexity {result['perplexity']:.2f}   "
+              f"bits per byte {result['bits_per_byte']:.4f}   ({result['tokens']:,} tokens)")
+    if "answer_loss" in result:
+        print(f"  answer loss {result['answer_loss']:.4f}   answer perplexity {result['answer_perplexity']:.2f}   "
+              f"({result['answer_tokens']:,} answer tokens)")
     if "bleu" in result:
         print(f"  BLEU {result['bleu']:.2f}   chrF {result['chrf']:.2f}   exact match {result['exact_match']:.1%} "
               f"({result['examples']} examples)")
@@ -219,14 +229,11 @@ def cmd_eval(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from .api import LLM
     from .evaluation import compare_chart, compare_table, evaluate
 
     rows = []
     for run in args.runs:
-        llm = LLM.from_path(run, device=args.device, dtype=args.dtype)
-        if llm.tokenizer is None:
-            raise ConfigError(f"{run} has no tokenizer.json")
+        llm = load_for_eval(run, args)
         result = evaluate(llm, args.data, task=args.task, max_examples=args.max_examples, max_tokens=args.max_tokens)
         rows.append({"run": str(run), "params": llm.model.num_params(), **result})
     print(compare_table(rows))
