@@ -2,17 +2,27 @@
 
 For each configuration: build a random HF LLaMA, save it, import it into samovar, then decode
 --new-tokens tokens after a --prompt-tokens prompt with each, alternating, --repeats times; print
-tokens/s (medians) and the ratio. The first tokens of both must agree (the same model).
+tokens/s (medians) and the ratios. The first tokens of both must agree (the same model).
 
-    .venv/bin/python benchmarks/decode.py [--configs 10m,51m] [--repeats 3] [--compile]
+--compile also times samovar's compiled one-token step (Engine(compile=True)); --int8 times
+decoding with int8 weights (samovar.quantize; its perplexity cost on a trained model is what
+benchmarks/int8.py measures); --llama-bench PATH writes the same weights as an f32 GGUF file and
+times llama.cpp's `llama-bench` on it (text generation of --new-tokens tokens after a
+--prompt-tokens context, as many threads as torch uses).
+
+    .venv/bin/python benchmarks/decode.py [--configs 10m,51m] [--repeats 3] [--compile] [--int8]
+        [--llama-bench /path/to/llama.cpp/build/bin/llama-bench]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -26,17 +36,88 @@ CONFIGS = {
 }
 
 
+def write_gguf(hf, path: Path, q8: bool = False) -> None:
+    """The HF LLaMA's weights as an f32 (or, q8=True, llama.cpp's 8-bit Q8_0 for the matrices) GGUF
+    file llama.cpp loads (no vocabulary: llama-bench feeds random token ids). llama.cpp rotates
+    interleaved pairs, so the q and k rows of each head are reordered from HF's [first half, second
+    half] to [h0, s0, h1, s1, ...]."""
+    import gguf
+
+    def add(name, tensor):
+        data = tensor.contiguous().numpy()
+        if q8 and data.ndim == 2:
+            w.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(name, data)
+
+    cfg = hf.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") else cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_tokenizer_model("none")
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8 else gguf.LlamaFileType.ALL_F32)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    def interleave(weight, heads):
+        rows, cols = weight.shape
+        return weight.reshape(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+             "post_attention_layernorm": "ffn_norm"}
+    state = hf.state_dict()
+    add("token_embd.weight", state["model.embed_tokens.weight"])
+    add("output_norm.weight", state["model.norm.weight"])
+    if not cfg.tie_word_embeddings:
+        add("output.weight", state["lm_head.weight"])
+    for i in range(cfg.num_hidden_layers):
+        for hf_name, name in names.items():
+            t = state[f"model.layers.{i}.{hf_name}.weight"]
+            if name == "attn_q":
+                t = interleave(t, cfg.num_attention_heads)
+            elif name == "attn_k":
+                t = interleave(t, cfg.num_key_value_heads)
+            add(f"blk.{i}.{name}.weight", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def llama_bench(binary: str, model: Path, prompt_tokens: int, new_tokens: int) -> float:
+    """llama.cpp's text-generation speed (tokens/s) after a prompt_tokens context, one repetition.
+    (--repack 0: the build measured here crashed prefilling Q8_0 weights repacked for this CPU.)"""
+    out = subprocess.run([binary, "-m", str(model), "-p", "0", "-n", str(new_tokens), "-d", str(prompt_tokens),
+                          "-t", str(torch.get_num_threads()), "-r", "1", "-o", "json", "--repack", "0"],
+                         check=True, capture_output=True, text=True).stdout
+    return float(json.loads(out)[0]["avg_ts"])
+
+
 def main() -> None:
     import transformers
 
     from samovar.engine import Engine, SamplingParams
     from samovar.hf import import_hf
+    from samovar.quantize import quantize_int8
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default="10m,51m")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="also time Engine(compile=True)")
+    p.add_argument("--int8", action="store_true", help="also time int8 decoding (samovar.quantize)")
+    p.add_argument("--llama-bench", help="path of llama.cpp's llama-bench binary, to time it too")
     args = p.parse_args()
     torch.manual_seed(0)
     for name in args.configs.split(","):
@@ -46,25 +127,53 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             hf.save_pretrained(folder)
             ours, _ = import_hf(folder)
-        n_params = sum(p.numel() for p in ours.parameters())
-        prompt = [(7 * i) % cfg.vocab_size for i in range(1, args.prompt_tokens + 1)]
-        engine = Engine(ours)
-        params = SamplingParams(max_tokens=args.new_tokens, temperature=0)
-        ours_rates, hf_rates = [], []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            out = list(engine.generate(prompt, params))
-            ours_rates.append(len(out) / (time.perf_counter() - start))
-            with torch.inference_mode():
-                start = time.perf_counter()
-                ref = hf.generate(torch.tensor([prompt]), max_new_tokens=args.new_tokens,
-                                  min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-                hf_rates.append(args.new_tokens / (time.perf_counter() - start))
-            assert out[:16] == ref[0, len(prompt):len(prompt) + 16].tolist(), "the two models disagree"
-        a, b = statistics.median(ours_rates), statistics.median(hf_rates)
+            if args.llama_bench:
+                write_gguf(hf, Path(folder) / "model.gguf")
+                if args.int8:
+                    write_gguf(hf, Path(folder) / "model-q8.gguf", q8=True)
+            n_params = sum(p.numel() for p in ours.parameters())
+            prompt = [(7 * i) % cfg.vocab_size for i in range(1, args.prompt_tokens + 1)]
+            params = SamplingParams(max_tokens=args.new_tokens, temperature=0)
+            engines = {"samovar": Engine(ours)}
+            if args.compile:
+                engines["samovar compiled"] = Engine(ours, compile=True)
+                list(engines["samovar compiled"].generate(prompt, params))  # compile outside the timing
+            if args.int8:
+                engines["samovar int8"] = Engine(quantize_int8(ours))
+            agreement = ""
+            peers = ["llama.cpp", *(["llama.cpp q8_0"] if args.int8 else [])] if args.llama_bench else []
+            rates = {key: [] for key in [*engines, "HF", *peers]}
+            for _ in range(args.repeats):
+                outs = {}
+                for key, engine in engines.items():
+                    start = time.perf_counter()
+                    outs[key] = list(engine.generate(prompt, params))
+                    rates[key].append(len(outs[key]) / (time.perf_counter() - start))
+                with torch.inference_mode():
+                    start = time.perf_counter()
+                    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=args.new_tokens,
+                                      min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+                    rates["HF"].append(args.new_tokens / (time.perf_counter() - start))
+                expected = ref[0, len(prompt):].tolist()
+                for key, out in outs.items():
+                    if key == "samovar int8":  # rounded weights: greedy paths part sooner or later
+                        same = next((i for i, (a, b) in enumerate(zip(out, expected)) if a != b), len(out))
+                        agreement = f"  (int8 agrees with float32 for the first {same} tokens)"
+                    else:
+                        assert out[:16] == expected[:16], f"{key} disagrees with HF"
+                for peer, file in zip(peers, ["model.gguf", "model-q8.gguf"]):
+                    rates[peer].append(llama_bench(args.llama_bench, Path(folder) / file, args.prompt_tokens,
+                                                   args.new_tokens))
+        medians = {key: statistics.median(r) for key, r in rates.items()}
         print(f"{name}: {n_params / 1e6:.1f}M parameters, {args.prompt_tokens}-token prompt, {args.new_tokens} new "
-              f"tokens, fp32, {torch.get_num_threads()} threads: samovar {a:.1f} tok/s, HF {b:.1f} tok/s, "
-              f"ratio {a / b:.2f}x")
+              f"tokens, fp32, {torch.get_num_threads()} threads, medians of {args.repeats}:")
+        for key, rate in medians.items():
+            peer = "llama.cpp q8_0" if key == "samovar int8" and "llama.cpp q8_0" in medians else "llama.cpp"
+            ratios = "" if not key.startswith("samovar") else f"  {rate / medians['HF']:.2f}x HF" + (
+                f", {rate / medians[peer]:.0%} of {peer}" if peer in medians else "")
+            print(f"  {key:18s} {rate:7.1f} tok/s{ratios}")
+        if agreement:
+            print(agreement)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,22 @@ def shared_file(relative: str) -> Path:
     return path
 
 
+def memorize(model, ids: list[int], steps: int, context: int = 48):
+    """Train `model` on random windows of `ids` until it knows them; returns it in eval mode."""
+    import torch
+
+    data = torch.tensor(ids)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(steps):
+        starts = torch.randint(len(data) - context - 1, (16,), generator=torch.Generator().manual_seed(step))
+        batch = torch.stack([data[s:s + context + 1] for s in starts])
+        loss = model(batch[:, :-1], batch[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def small_text() -> str:
     """About 60 KB of real text: the start of tinyshakespeare, or a built-in passage without it."""

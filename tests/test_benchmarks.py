@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -16,9 +18,11 @@ def test_memmap_memory_benchmark_runs():
 
 def test_decode_benchmark_runs():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--configs", "tiny",
-                             "--new-tokens", "16", "--repeats", "1"], capture_output=True, text=True, timeout=300)
+                             "--new-tokens", "16", "--repeats", "1", "--compile", "--int8"],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "ratio" in result.stdout
+    for row in ("samovar compiled", "samovar int8", "x HF", "int8 agrees with float32"):
+        assert row in result.stdout
 
 
 def test_train_step_benchmark_runs():
@@ -35,3 +39,16 @@ def test_prepare_benchmark_runs(tmp_path):
                              "--vocab-size", "400", "--repeats", "1"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "ids identical" in result.stdout
+
+
+def test_int8_benchmark_runs(tmp_path):
+    (tmp_path / "text.txt").write_text("To be, or not to be, that is the question.\n" * 200)
+    assert run_cli("prepare", tmp_path / "text.txt", "--tokenizer", "char", "--out", tmp_path / "data").returncode == 0
+    trained = run_cli("train", "--preset", "llama-tiny", "--data", tmp_path / "data", "--out", tmp_path / "run",
+                      "--set", "max_steps=5", "--set", "context_len=32", "--set", "batch_size=4", "--set", "device=cpu")
+    assert trained.returncode == 0, trained.stderr
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "int8.py"), str(tmp_path / "run"),
+                             "--data", str(tmp_path / "text.txt"), "--max-tokens", "500", "--repeats", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "int8 cost: perplexity" in result.stdout

@@ -97,3 +97,14 @@ def test_compare_prints_a_table_and_draws_a_chart(qa_run, tmp_path):
     assert out.read_bytes()[:4] == b"\x89PNG"
     rows = json.loads((tmp_path / "r.json").read_text())
     assert [r["examples"] for r in rows] == [5, 5]
+
+
+def test_a_prepared_folder_is_evaluated_on_its_held_out_tail(char_data):
+    from samovar.data import TokenData
+    from samovar.evaluation import read_eval_text
+
+    text = read_eval_text(char_data)
+    corpus = (char_data.parent / "corpus.txt").read_text(encoding="utf-8")
+    data = TokenData.open(char_data)
+    assert len(data.tokenizer().encode(text)) == len(data.val)
+    assert text.strip() and corpus.rstrip().endswith(text.strip())

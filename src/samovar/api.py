@@ -19,19 +19,23 @@ from . import checkpoint as ckpt
 from .config import ModelConfig
 from .engine import Engine, GenerationError, SamplingParams
 from .model import Transformer, build_model
+from .quantize import quantize as quantize_model
 from .runtime import resolve_device, resolve_dtype
 from .tokenizer import Tokenizer
 
 
-def load(path: str | Path, device: str = "auto", dtype: str = "auto") -> tuple[Transformer, Tokenizer | None]:
+def load(path: str | Path, device: str = "auto", dtype: str = "auto",
+         quantize: str | None = None) -> tuple[Transformer, Tokenizer | None]:
     """(model, tokenizer) from a checkpoint folder or a run folder (its latest checkpoint), in eval mode.
-    The tokenizer is None when the folder has no tokenizer.json (an HF import without one)."""
+    The tokenizer is None when the folder has no tokenizer.json (an HF import without one).
+    quantize="int8": int8 Linear weights for faster CPU decoding (see quantize.py)."""
     folder = ckpt.resolve_checkpoint(path)
     cfg = ModelConfig.load(folder / "config.json")
     dev = resolve_device(device)
     model = build_model(cfg)
     ckpt.load_state_into(model, ckpt.load_weights(folder), str(folder))
     model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval()
+    model = quantize_model(model, quantize)
     tokenizer = Tokenizer.load(folder / "tokenizer.json") if (folder / "tokenizer.json").exists() else None
     return model, tokenizer
 
@@ -64,21 +68,23 @@ def stream_text(tokenizer: Tokenizer, ids: Iterator[int]) -> Iterator[str]:
         yield text[len(sent):]
 
 
-def new_ids(model, prompt: list[int], params: SamplingParams, stop_ids=(), vocab_limit: int | None = None):
-    """New ids from either kind of model: the Transformer's Engine, or the LSTM baseline's decoder
-    (greedy only)."""
+def new_ids(model, prompt: list[int], params: SamplingParams, stop_ids=(), vocab_limit: int | None = None,
+            compile: bool = False):
+    """New ids from either kind of model: the Transformer's Engine (compile: its compiled one-token
+    step), or the LSTM baseline's decoder (greedy only)."""
     if model.config.arch == "lstm-seq2seq":
         if params.temperature != 0:
             raise GenerationError("the lstm-seq2seq baseline decodes greedily: use temperature 0")
         return model.generate(prompt, params.max_tokens, [] if params.ignore_eos else stop_ids)
-    return Engine(model, vocab_limit=vocab_limit).generate(prompt, params, stop_ids=stop_ids)
+    return Engine(model, vocab_limit=vocab_limit, compile=compile).generate(prompt, params, stop_ids=stop_ids)
 
 
 def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_tokens: int = 256,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None, ignore_eos: bool = False, stream: bool = False):
+             seed: int | None = None, ignore_eos: bool = False, stream: bool = False, compile: bool = False):
     """The continuation of `prompt` as text, or an iterator of text pieces when stream=True.
-    Temperature 0 is greedy; generation stops at the eos token unless ignore_eos is set."""
+    Temperature 0 is greedy; generation stops at the eos token unless ignore_eos is set.
+    compile: decode through the compiled one-token step (its first use compiles it)."""
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, ignore_eos=ignore_eos)
     params.validate()
@@ -86,7 +92,8 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_tokens: 
         raise GenerationError("this checkpoint has no tokenizer.json; copy the model's tokenizer.json into it")
     ids = prompt_ids(tokenizer, prompt)
     stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    pieces = stream_text(tokenizer, new_ids(model, ids, params, stop, vocab_limit=tokenizer.vocab_size))
+    pieces = stream_text(tokenizer, new_ids(model, ids, params, stop, vocab_limit=tokenizer.vocab_size,
+                                            compile=compile))
     if stream:
         return pieces
     return "".join(pieces)
@@ -100,8 +107,9 @@ class LLM:
         self.tokenizer = tokenizer
 
     @classmethod
-    def from_path(cls, path: str | Path, device: str = "auto", dtype: str = "auto") -> "LLM":
-        return cls(*load(path, device, dtype))
+    def from_path(cls, path: str | Path, device: str = "auto", dtype: str = "auto",
+                  quantize: str | None = None) -> "LLM":
+        return cls(*load(path, device, dtype, quantize))
 
     def generate(self, prompt: str, **kwargs) -> str:
         return generate(self.model, self.tokenizer, prompt, stream=False, **kwargs)

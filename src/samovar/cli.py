@@ -40,10 +40,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .runtime import RuntimeConfigError
     from .tokenizer import TokenizerError
     from .hf import HFError
+    from .quantize import QuantizationError
     from .train import TrainingError
 
     return (ConfigError, HFError, DataError, TokenizerError, CheckpointError, GenerationError,
-            RuntimeConfigError, TrainingError, DemoError, FileNotFoundError, PermissionError)
+            RuntimeConfigError, TrainingError, DemoError, QuantizationError, FileNotFoundError, PermissionError)
 
 
 # ---- presets -----------------------------------------------------------------------------------------
@@ -180,9 +181,9 @@ def cmd_train(args) -> None:
 def cmd_generate(args) -> None:
     from .api import generate, load
 
-    model, tokenizer = load(args.run, device=args.device, dtype=args.dtype)
+    model, tokenizer = load(args.run, device=args.device, dtype=args.dtype, quantize=args.quantize)
     kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
+                  top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos, compile=args.compile)
     if args.stream:
         sys.stdout.write(args.prompt)
         for piece in generate(model, tokenizer, args.prompt, stream=True, **kwargs):
@@ -197,7 +198,7 @@ def cmd_generate(args) -> None:
 def load_for_eval(run, args):
     from .api import LLM
 
-    llm = LLM.from_path(run, device=args.device, dtype=args.dtype)
+    llm = LLM.from_path(run, device=args.device, dtype=args.dtype, quantize=args.quantize)
     if llm.tokenizer is None:
         raise ConfigError(f"{run} has no tokenizer.json")
     return llm
@@ -208,7 +209,7 @@ def cmd_eval(args) -> None:
 
     llm = load_for_eval(args.run, args)
     result = evaluate(llm, args.data, task=args.task, max_examples=args.max_examples, max_tokens=args.max_tokens,
-                      with_latency=not args.no_latency)
+                      with_latency=not args.no_latency, compile=args.compile)
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
         return
@@ -234,7 +235,8 @@ def cmd_compare(args) -> None:
     rows = []
     for run in args.runs:
         llm = load_for_eval(run, args)
-        result = evaluate(llm, args.data, task=args.task, max_examples=args.max_examples, max_tokens=args.max_tokens)
+        result = evaluate(llm, args.data, task=args.task, max_examples=args.max_examples, max_tokens=args.max_tokens,
+                          compile=args.compile)
         rows.append({"run": str(run), "params": llm.model.num_params(), **result})
     print(compare_table(rows))
     compare_chart(rows, args.out)
@@ -437,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     s.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     _device_options(s)
+    _decode_options(s)
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("eval", help="loss, perplexity, bits per byte, BLEU/chrF and latency of a run")
@@ -449,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     s.add_argument("--json", action="store_true", help="print the results as JSON")
     _device_options(s)
+    _decode_options(s)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("compare", help="evaluate several runs on the same data: a table and a bar chart")
@@ -460,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="compare.png", help="the bar chart to write")
     s.add_argument("--json", default=None, help="also write the results to this JSON file")
     _device_options(s)
+    _decode_options(s)
     s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("runs", help="list the runs under a folder with their best val loss, steps and tokens")
@@ -514,6 +519,14 @@ def _device_options(s) -> None:
     s.add_argument("--dtype", default="auto",
                    help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16; bf16 is ~100x slower than fp32 "
                         "on CPUs without native bf16")
+
+
+def _decode_options(s) -> None:
+    s.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: int8 Linear weights (CPU, float32 model), about 2.5x faster decoding of a 51M "
+                        "model with a large vocabulary; `samovar eval --quantize int8` shows its perplexity cost")
+    s.add_argument("--compile", action="store_true",
+                   help="decode through a torch.compile'd one-token step (compiling takes seconds to a minute)")
 
 
 def main(argv: list[str] | None = None) -> int:

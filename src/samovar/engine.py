@@ -5,14 +5,21 @@
 Decoding with the cache returns exactly the tokens that recomputing the whole sequence returns.
 When the context fills up, the Engine keeps the most recent half of it, prefills that into a fresh
 cache and goes on (the recompute path crops to the last context_len tokens instead).
+
+Engine(model, compile=True) runs the one-token step through torch.compile. Its shapes never change:
+the cache is static (see KVCache), sized to a power of two that holds the request, and the position
+is a tensor, so one graph serves every token; the prompt's prefill runs eagerly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+import functools
 from typing import Iterator
 
 import torch
+
+from .quantize import is_quantized
 
 
 class GenerationError(ValueError):
@@ -43,7 +50,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """Next token ids (B,) from logits (B, V): greedy at temperature 0, else top-k, then top-p
     (nucleus: the smallest set of tokens whose probability reaches top_p), then a draw."""
     if params.temperature == 0:
-        return logits.argmax(dim=-1)
+        return logits.max(dim=-1).indices  # the first largest, as argmax, at a third of its cost on CPU
     logits = logits.float() / params.temperature
     if params.top_k is not None and params.top_k < logits.size(-1):
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
@@ -59,14 +66,35 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _last_logits(model, idx, cache):
+    return model(idx, kv_cache=cache)[:, -1, :]  # (B, V)
+
+
+@functools.cache
+def _compiled_last_logits():
+    """One compiled function for every Engine: a model's graph, compiled at its first use, serves
+    later Engines of the same model (torch.compile keeps one graph per model and cache size).
+    cpp_wrapper: the graph calls its kernels from C++ rather than Python, which matters at one token
+    per call. (Made on first use: importing the compiler takes about a second.)"""
+    return torch.compile(_last_logits, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+
+
 class Engine:
     """Generates token ids from a Transformer; works on ids only (text is the caller's business)."""
 
-    def __init__(self, model, vocab_limit: int | None = None):
-        """vocab_limit: never produce ids at or above it (a vocabulary padded past its tokenizer's)."""
+    def __init__(self, model, vocab_limit: int | None = None, compile: bool = False):
+        """vocab_limit: never produce ids at or above it (a vocabulary padded past its tokenizer's).
+        compile: run the one-token step through torch.compile over a static KV cache (fixed shapes,
+        so one graph serves every position); the first call compiles it (seconds to a minute)."""
         self.model = model
         self.context_len = model.config.context_len
         self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < model.config.vocab_size else None
+        self.static = compile
+        self._step = self._forward
+        if compile:
+            if is_quantized(model):
+                raise GenerationError("compile and int8 quantization do not combine; choose one")
+            self._step = functools.partial(self._forward, last_logits=_compiled_last_logits())
 
     def _device(self):
         return next(self.model.parameters()).device
@@ -94,8 +122,16 @@ class Engine:
         if params.seed is not None and params.temperature > 0:
             generator = torch.Generator(device=device).manual_seed(params.seed)
         tokens = list(prompt)
-        cache = self.model.new_kv_cache(1) if use_cache else None
-        logits = self._forward(tokens, cache, device)
+        cache = None
+        if use_cache and self.static:  # attention reads the whole static buffer: size it to this call
+            size = 64  # a power of two: a handful of distinct graphs serve every request
+            while size < min(len(tokens) + params.max_tokens, self.context_len):
+                size *= 2
+            cache = self.model.new_kv_cache(1, min(size, self.context_len), static=True)
+        elif use_cache:
+            cache = self.model.new_kv_cache(1)
+        logits = self._forward(self._ids(tokens, device), cache)  # the prompt, in one pass
+        cached = len(tokens)
         for _ in range(params.max_tokens):
             next_id = int(sample(logits, params, generator)[0])
             if next_id in stop_ids:
@@ -103,16 +139,22 @@ class Engine:
             yield next_id
             tokens.append(next_id)
             if cache is None:
-                logits = self._forward(tokens[-self.context_len:], None, device)
-            elif cache.pos >= self.context_len:  # full: keep the recent half and prefill it afresh
+                logits = self._forward(self._ids(tokens[-self.context_len:], device), None)
+            elif cached >= self.context_len:  # full: keep the recent half and prefill it afresh
                 cache.reset()
-                logits = self._forward(tokens[-(self.context_len // 2):], cache, device)
+                cached = self.context_len // 2
+                logits = self._forward(self._ids(tokens[-cached:], device), cache)
             else:
-                logits = self._forward([next_id], cache, device)
+                cached += 1
+                logits = self._step(self._ids([next_id], device), cache)
 
-    def _forward(self, ids, cache, device):
-        idx = torch.tensor([ids], dtype=torch.long, device=device)
-        logits = self.model(idx, kv_cache=cache)[:, -1, :]  # (1, V)
+    @staticmethod
+    def _ids(ids, device):
+        return torch.tensor([ids], dtype=torch.long, device=device)
+
+    def _forward(self, idx, cache, last_logits=_last_logits):
+        logits = last_logits(self.model, idx, cache)
         if self.vocab_limit is not None:
             logits[:, self.vocab_limit:] = float("-inf")
         return logits
+

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import (PAIR_FORMATS, DataError, detect_task, encode_pairs, find_files, pair_batch,
+from .data import (PAIR_FORMATS, DataError, TokenData, detect_task, encode_pairs, find_files, pair_batch,
                    read_documents)
 
 
@@ -114,8 +114,9 @@ def lm_answer(llm, max_tokens: int = 48):
 
 # ---- latency -----------------------------------------------------------------------------------------
 @torch.inference_mode()
-def latency(model, prompt_tokens: int = 32, new_tokens: int = 64, repeats: int = 3) -> dict:
-    """Median time to first token (prefill + one sample) and decode tokens/s, greedy, batch 1."""
+def latency(model, prompt_tokens: int = 32, new_tokens: int = 64, repeats: int = 3, compile: bool = False) -> dict:
+    """Median time to first token (prefill + one sample) and decode tokens/s, greedy, batch 1
+    (compile: through the compiled one-token step, compiled in the warm-up round)."""
     from .api import new_ids
     from .engine import SamplingParams
 
@@ -125,7 +126,7 @@ def latency(model, prompt_tokens: int = 32, new_tokens: int = 64, repeats: int =
     ttft, rates = [], []
     for _ in range(repeats + 1):  # the first round warms up
         start = time.perf_counter()
-        stream = new_ids(model, prompt, SamplingParams(max_tokens=new_tokens, temperature=0))
+        stream = new_ids(model, prompt, SamplingParams(max_tokens=new_tokens, temperature=0), compile=compile)
         next(stream)
         first = time.perf_counter()
         n = 1 + sum(1 for _ in stream)
@@ -140,12 +141,15 @@ def latency(model, prompt_tokens: int = 32, new_tokens: int = 64, repeats: int =
 def read_eval_text(path: str | Path) -> str:
     """The text of a file, a folder of files, or a prepared data folder's validation split."""
     path = Path(path)
+    if (path / "meta.json").exists():  # a prepared folder: its held-out tail, decoded
+        data = TokenData.open(path)
+        return data.tokenizer().decode(data.val.tolist())
     files = find_files([path])
     return "\n\n".join(read_documents(files))
 
 
 def evaluate(llm, data: str | Path, task: str = "auto", max_examples: int = 100, max_tokens: int | None = None,
-             with_latency: bool = True) -> dict:
+             with_latency: bool = True, compile: bool = False) -> dict:
     text = read_eval_text(data)
     task = detect_task(text) if task == "auto" else task
     if task not in ("lm", "qa", "dialogue"):
@@ -168,7 +172,7 @@ def evaluate(llm, data: str | Path, task: str = "auto", max_examples: int = 100,
         step = max(1, len(pairs) // max_examples)  # spread the examples over the file
         result.update(generation_metrics(lm_answer(llm), pairs[::step][:max_examples]))
     if with_latency:
-        result.update(latency(llm.model))
+        result.update(latency(llm.model, compile=compile))
     return result
 
 

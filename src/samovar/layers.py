@@ -72,7 +72,11 @@ class Rotary(nn.Module):
         # sin with the sign of the rotation folded in: [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]
         self.register_buffer("sin", torch.cat([-sin, sin], dim=-1), persistent=False)
 
-    def forward(self, start: int, length: int):
+    def forward(self, start, length: int):
+        """The tables of positions start .. start + length - 1; start may be a tensor (static cache)."""
+        if isinstance(start, torch.Tensor):
+            positions = torch.arange(length, device=start.device) + start
+            return self.cos[positions], self.sin[positions]
         return self.cos[start:start + length], self.sin[start:start + length]
 
 
@@ -139,27 +143,48 @@ class KVCache:
 
     Passed into `Transformer.forward`, never stored on the model. `pos` is the number of positions
     already written; the model advances it after the last layer of each forward pass.
+
+    A static cache (for a compiled decoding step) keeps every shape fixed: `pos` is a tensor, new
+    keys and values are written with index_copy_, and attention sees the whole buffer, the positions
+    not yet written masked out. One graph then serves every position.
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None):
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None,
+                 static: bool = False):
         heads, k_dim, v_dim = cfg.cache_shape
-        self.k = torch.zeros((cfg.n_layer, batch_size, heads, max_len, k_dim), device=device, dtype=dtype)
-        self.v = torch.zeros((cfg.n_layer, batch_size, heads, max_len, v_dim), device=device, dtype=dtype)
+        # one buffer per layer (B, K, max_len, D): a compiled step then updates each in place
+        self.k = [torch.zeros((batch_size, heads, max_len, k_dim), device=device, dtype=dtype)
+                  for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros((batch_size, heads, max_len, v_dim), device=device, dtype=dtype)
+                  for _ in range(cfg.n_layer)]
         self.max_len = max_len
-        self.pos = 0
+        self.static = static
+        self.pos = torch.zeros((), dtype=torch.long, device=device) if static else 0
 
     def update(self, layer: int, k, v):
-        """Write k, v (B, K, T, D) at positions [pos, pos + T) and return all keys and values so far."""
+        """Write k, v (B, K, T, D) at positions [pos, pos + T) and return the keys and values attention
+        sees: those so far, or (static) the whole buffer."""
         T = k.size(2)
+        if self.static:  # the caller keeps pos + T <= max_len (index_copy_ checks it in eager mode)
+            positions = self.pos + torch.arange(T, device=k.device)
+            self.k[layer].index_copy_(2, positions, k)
+            self.v[layer].index_copy_(2, positions, v)
+            return self.k[layer], self.v[layer]
         end = self.pos + T
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len={self.max_len}")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, T: int):
+        self.pos += T  # in place for a static cache's tensor
 
     def reset(self):
-        self.pos = 0
+        if self.static:
+            self.pos.zero_()  # the same tensor: a compiled step keeps reading it
+        else:
+            self.pos = 0
 
 
 # ---- attention -------------------------------------------------------------------------------------
@@ -204,19 +229,21 @@ def attend(attn: nn.Module, q, k, v, kv_cache: KVCache | None):
     T, start = q.size(2), 0
     if kv_cache is not None:
         start = kv_cache.pos
-        k, v = kv_cache.update(attn.layer, k, v)  # (B, K, S, D) with S = start + T
-    mask = causal_mask(T, start, k.size(2), attn.sliding_window, q.device)
+        k, v = kv_cache.update(attn.layer, k, v)  # (B, K, S, D) with S = start + T, or max_len
+    static = kv_cache is not None and kv_cache.static
+    mask = causal_mask(T, start, k.size(2), attn.sliding_window, q.device, always=static)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=attn.scale,
         dropout_p=attn.dropout if attn.training else 0.0, enable_gqa=k.size(1) != q.size(1))
 
 
-def causal_mask(T: int, start: int, S: int, window: int | None, device):
-    """None when plain causal attention does (SDPA's fast path); else a (T, S) boolean mask."""
-    if window is None or window >= S:
+def causal_mask(T: int, start, S: int, window: int | None, device, always: bool = False):
+    """A (T, S) boolean mask of the keys each of the T queries at positions start, start + 1, ...
+    may see; None when plain causal attention does (SDPA's fast path) and `always` is false."""
+    if not always and (window is None or window >= S):
         if start == 0 or T == 1:
             return None  # no history: is_causal; one new token: it sees every cached position
-    q_pos = torch.arange(start, start + T, device=device)[:, None]
+    q_pos = (torch.arange(T, device=device) + start)[:, None]
     k_pos = torch.arange(S, device=device)[None, :]
     allowed = k_pos <= q_pos
     if window is not None:

@@ -61,14 +61,14 @@ class Transformer(nn.Module):
         over the positions where loss_mask (B, T) is true (all positions when it is None), plus
         aux_loss_coef times the experts' load-balancing loss in a mixture-of-experts model."""
         B, T = idx.shape
-        start = 0 if kv_cache is None else kv_cache.pos
-        if start + T > self.config.context_len:
+        start = 0 if kv_cache is None else kv_cache.pos  # an int, or a tensor in a static cache
+        if isinstance(start, int) and start + T > self.config.context_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds context_len={self.config.context_len}")
         x = self.tok_emb(idx)  # (B, T, C)
         if self.config.embed_scale:
             x = x * torch.tensor(math.sqrt(self.config.n_embd), dtype=x.dtype)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+            x = x + self.pos_emb(torch.arange(T, device=idx.device) + start)
         x = self.emb_dropout(x)
         rope = self.rotary(start, T) if self.rotary is not None else None
         for block in self.blocks:
@@ -77,7 +77,7 @@ class Transformer(nn.Module):
             else:
                 x = block(x, rope, kv_cache)
         if kv_cache is not None:
-            kv_cache.pos += T
+            kv_cache.advance(T)
         x = self.final_norm(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         if self.config.logit_softcap is not None:  # squash logits smoothly into (-cap, cap)
@@ -142,10 +142,10 @@ class Transformer(nn.Module):
         n = self.num_params() - (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
         return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * cfg.context_len
 
-    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None, static: bool = False) -> KVCache:
         """An empty cache for `batch_size` sequences, on the model's device and in its dtype."""
         p = self.tok_emb.weight
-        return KVCache(self.config, batch_size, max_len or self.config.context_len, p.device, p.dtype)
+        return KVCache(self.config, batch_size, max_len or self.config.context_len, p.device, p.dtype, static)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
