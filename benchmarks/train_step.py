@@ -54,7 +54,8 @@ def main() -> None:
     ours.load_state_dict(state_from_hf(hf.state_dict(), cfg, family))
     train_cfg = TrainConfig(lr=1e-4)
     opt_ours = make_optimizer(ours, train_cfg, torch.device("cpu"))
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4)  # HF Trainer's default optimizer, foreach
+    # HF Trainer's default optimizer with torch >= 2.8: adamw_torch_fused (samovar's is fused too)
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)
     x = torch.randint(cfg.vocab_size, (args.batch, args.context))
     y = torch.randint(cfg.vocab_size, (args.batch, args.context))
 

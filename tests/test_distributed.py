@@ -54,7 +54,9 @@ def test_two_processes_follow_the_single_process_curve(tmp_path, char_data, stra
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert w1.keys() == w2.keys()
     for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4)
+        # 8 Adam steps at lr 3e-3 move a weight by up to ~2e-2; Adam's m / sqrt(v) can turn a last-bit
+        # difference of an all-reduced, near-zero gradient into ~1e-5 of that motion
+        torch.testing.assert_close(w1[k], w2[k], atol=3e-5, rtol=1e-4)
 
 
 def test_fsdp_run_resumes(tmp_path, char_data):

@@ -155,7 +155,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     optimizer=muon, Muon (torch.optim.Muon) takes the blocks' 2-D matrices and AdamW the embeddings,
     the head and every 1-D parameter. Each group remembers its base lr for the schedule."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    fused = device.type == "cuda"
+    fused = device.type in ("cpu", "cuda", "mps")  # one kernel for all parameters (5x foreach's speed on CPU)
     adamw_kw = dict(betas=(cfg.beta1, cfg.beta2), fused=fused, foreach=None if fused else True)
     muon = {n: p for n, p in params.items() if cfg.optimizer == "muon" and p.dim() == 2 and n.startswith("blocks.")}
     rest = {n: p for n, p in params.items() if n not in muon}
