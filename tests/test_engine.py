@@ -44,8 +44,13 @@ def test_compiled_step_over_a_static_cache_agrees(preset):
     torch.manual_seed(4)
     model = Transformer(get_preset(preset).replace(context_len=16)).eval()
     params = SamplingParams(max_tokens=40, temperature=0)
-    compiled = list(Engine(model, compile=True).generate([5, 6, 7], params))
+    engine = Engine(model, compile=True)
+    compiled = list(engine.generate([5, 6, 7], params))
     assert compiled == list(Engine(model).generate([5, 6, 7], params))
+    with torch.compiler.set_stance("fail_on_recompile"):  # one graph serves every position and prompt
+        assert list(engine.generate([9, 8], params)) == list(Engine(model).generate([9, 8], params))
+        sampled = SamplingParams(max_tokens=20, temperature=0.9, top_k=20, seed=3)
+        assert list(engine.generate([1], sampled)) == list(Engine(model).generate([1], sampled))
     # recomputing agrees while the context holds everything (past it, it crops instead of refilling)
     assert compiled[:13] == list(Engine(model).generate([5, 6, 7], params, use_cache=False))[:13]
 
