@@ -55,6 +55,11 @@ def test_compiled_step_over_a_static_cache_agrees(preset):
     assert compiled[:13] == list(Engine(model).generate([5, 6, 7], params, use_cache=False))[:13]
 
 
+def test_compile_is_refused_for_a_mixture_of_experts():
+    with pytest.raises(GenerationError, match="mixture of experts decodes eagerly"):
+        Engine(Transformer(get_preset("mixtral-tiny")).eval(), compile=True)
+
+
 def test_cached_and_uncached_sampling_agree_with_a_seed():
     torch.manual_seed(2)
     model = Transformer(get_preset("llama-tiny")).eval()

@@ -526,7 +526,8 @@ def _decode_options(s) -> None:
                    help="int8: int8 Linear weights (CPU, float32 model), about 2.5x faster decoding of a 51M "
                         "model with a large vocabulary; `samovar eval --quantize int8` shows its perplexity cost")
     s.add_argument("--compile", action="store_true",
-                   help="decode through a torch.compile'd one-token step (compiling takes seconds to a minute)")
+                   help="decode through a torch.compile'd one-token step (compiling takes seconds to a minute; "
+                        "the lstm-seq2seq baseline always decodes eagerly)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,6 +94,8 @@ class Engine:
         if compile:
             if is_quantized(model):
                 raise GenerationError("compile and int8 quantization do not combine; choose one")
+            if model.config.n_expert:  # which tokens reach which expert decides shapes at run time
+                raise GenerationError("compile supports dense models; a mixture of experts decodes eagerly")
             self._step = functools.partial(self._forward, last_logits=_compiled_last_logits())
 
     def _device(self):
