@@ -31,8 +31,9 @@ def main() -> None:
         print(f"  {name:8s} perplexity {r['perplexity']:8.3f}   bits per byte {r['bits_per_byte']:.4f}   "
               f"decode {r['decode_tokens_per_s']:7.1f} tok/s")
     f, q = rows["float32"], rows["int8"]
+    speedup = q["decode_tokens_per_s"] / f["decode_tokens_per_s"]
     print(f"  int8 cost: perplexity {q['perplexity'] / f['perplexity'] - 1:+.2%}, bits per byte "
-          f"{q['bits_per_byte'] - f['bits_per_byte']:+.4f}; speed {q['decode_tokens_per_s'] / f['decode_tokens_per_s']:.2f}x")
+          f"{q['bits_per_byte'] - f['bits_per_byte']:+.4f}; speed {speedup:.2f}x")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ is a tensor, so one graph serves every token; the prompt's prefill runs eagerly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import functools
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -159,4 +159,3 @@ class Engine:
         if self.vocab_limit is not None:
             logits[:, self.vocab_limit:] = float("-inf")
         return logits
-

@@ -3,9 +3,11 @@
 Batch-1 decoding reads every weight once per token, so it runs at the speed of memory, not of
 arithmetic. `quantize_int8` stores each Linear's weight as int8 with one scale per output row
 (symmetric, per channel): a quarter of float32's bytes. The products run in FBGEMM's dynamic int8
-kernel, which also rounds each input row to int8 with its own scale at run time (so this is
-weight-and-activation int8, chosen because PyTorch's weight-only int8 kernel is slower than float32
-on CPUs without AMX-INT8 paths for it). Embeddings, norms and routers stay in float32.
+kernel, which also rounds its input to int8, with one scale per call computed at run time. So this
+is weight-and-activation int8: PyTorch's weight-only int8 kernel was slower than float32 on the
+CPUs we measured (benchmarks/RESULTS.md). One consequence: a row's output depends slightly on the
+rows that share its call, so a prefill and token-by-token decoding agree only to rounding.
+Embeddings, norms and routers stay in float32.
 
 Rounding costs some accuracy: `samovar eval RUN --quantize int8` measures the perplexity cost on
 your data, and benchmarks/int8.py prints it beside the speed.
