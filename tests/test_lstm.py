@@ -115,3 +115,20 @@ def test_lstm_baseline_beside_a_transformer_on_real_qa(tmp_path):
     assert "answer perplexity" in text.stdout and "bits per byte" not in text.stdout
     bad = run_cli("eval", tmp_path / "lstm", "--data", tmp_path / "heldout.txt", "--task", "lm")
     assert bad.returncode == 2 and "evaluate it on qa or dialogue data" in bad.stderr
+
+
+def test_a_batch_of_uneven_pairs_scores_as_its_rows_do():
+    """Splitting rows at their own prompt/answer boundaries: padding never leaks into the loss."""
+    torch.manual_seed(0)
+    model = Seq2SeqLSTM(get_preset("lstm-seq2seq").replace(vocab_size=50, n_embd=32, dropout=0.0)).eval()
+    idx = torch.randint(1, 50, (4, 20))
+    targets = idx.roll(-1, dims=1)
+    mask = torch.zeros(4, 20, dtype=torch.bool)
+    spans = [(3, 9), (5, 20), (0, 4), (10, 12)]  # (first answer target, one past the last)
+    for row, (start, end) in enumerate(spans):
+        mask[row, start:end] = True
+    with torch.no_grad():
+        batch = model(idx, targets, loss_mask=mask)
+        rows = [model(idx[r:r + 1], targets[r:r + 1], loss_mask=mask[r:r + 1]) * (e - s)
+                for r, (s, e) in enumerate(spans)]
+    torch.testing.assert_close(batch, sum(rows) / sum(e - s for s, e in spans))

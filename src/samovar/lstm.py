@@ -61,18 +61,15 @@ class Seq2SeqLSTM(nn.Module):
                              "(prepare the data with --format qa or dialogue and train with objective=sft)")
         mask = loss_mask.bool()
         starts = mask.float().argmax(dim=1)  # first answer target: the prompt's last input position
-        B = idx.size(0)
-        src = torch.zeros_like(idx)
         ends = mask.long().cumsum(1).argmax(dim=1) + 1  # one past the last answer target
-        width = int((ends - starts).max())
-        dec_in = torch.zeros(B, width, dtype=idx.dtype, device=idx.device)
-        dec_out = torch.full((B, width), -100, dtype=torch.long, device=idx.device)
-        for i in range(B):
-            p, e = int(starts[i]), int(ends[i])
-            src[i, :p + 1] = idx[i, :p + 1]
-            dec_in[i, :e - p] = idx[i, p:e]
-            if targets is not None:
-                dec_out[i, :e - p] = targets[i, p:e]
+        T = idx.size(1)
+        src = idx.masked_fill(torch.arange(T, device=idx.device) > starts[:, None], 0)  # prompts, right-padded
+        positions = starts[:, None] + torch.arange(int((ends - starts).max()), device=idx.device)  # (B, W)
+        inside = positions < ends[:, None]
+        positions = positions.clamp(max=T - 1)
+        dec_in = idx.gather(1, positions).masked_fill(~inside, 0)  # each answer, from the prompt's last token
+        if targets is not None:
+            dec_out = targets.gather(1, positions).masked_fill(~inside, -100)
         logits, _ = self.decode(dec_in, self.encode(src[:, :int(starts.max()) + 1], starts + 1))
         if targets is None:
             return logits
