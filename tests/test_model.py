@@ -125,7 +125,7 @@ def test_rotary_rotates_pairs_by_position_angles():
     D = 8
     rot = Rotary(D, max_len=16, theta=10000.0)
     x = torch.randn(1, 1, 1, D)
-    cos, sin = rot(5, 1)
+    cos, sin = rot(torch.tensor([5]))
     y = apply_rotary(x, cos, sin)
     # pair i is (x[i], x[i + D/2]) rotated by 5 * theta^(-2i/D); the norm of each pair is kept
     for i in range(D // 2):
@@ -142,8 +142,8 @@ def test_relative_positions_only_with_rope():
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
     dots = []
     for start in (0, 9):
-        cq, sq = rot(start + 3, 1)
-        ck, sk = rot(start, 1)
+        cq, sq = rot(torch.tensor([start + 3]))
+        ck, sk = rot(torch.tensor([start]))
         dots.append((apply_rotary(q, cq, sq) * apply_rotary(k, ck, sk)).sum().item())
     assert dots[0] == pytest.approx(dots[1], abs=1e-5)
 

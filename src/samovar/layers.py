@@ -72,12 +72,9 @@ class Rotary(nn.Module):
         # sin with the sign of the rotation folded in: [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]
         self.register_buffer("sin", torch.cat([-sin, sin], dim=-1), persistent=False)
 
-    def forward(self, start, length: int):
-        """The tables of positions start .. start + length - 1; start may be a tensor (static cache)."""
-        if isinstance(start, torch.Tensor):
-            positions = torch.arange(length, device=start.device) + start
-            return self.cos[positions], self.sin[positions]
-        return self.cos[start:start + length], self.sin[start:start + length]
+    def forward(self, positions):
+        """cos and sin (T, D) of the absolute positions (T,)."""
+        return self.cos[positions], self.sin[positions]
 
 
 def rope_frequencies(dim: int, theta: float, scaling: dict | None = None) -> tuple[torch.Tensor, float]:

@@ -67,10 +67,11 @@ class Transformer(nn.Module):
         x = self.tok_emb(idx)  # (B, T, C)
         if self.config.embed_scale:
             x = x * torch.tensor(math.sqrt(self.config.n_embd), dtype=x.dtype)
+        positions = torch.arange(T, device=idx.device) + start  # of the new tokens, (T,)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(T, device=idx.device) + start)
+            x = x + self.pos_emb(positions)
         x = self.emb_dropout(x)
-        rope = self.rotary(start, T) if self.rotary is not None else None
+        rope = self.rotary(positions) if self.rotary is not None else None
         for block in self.blocks:
             if self.activation_checkpointing and self.training:  # recompute in backward, save memory
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, kv_cache, use_reentrant=False)
