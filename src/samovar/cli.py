@@ -444,11 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="loss, perplexity, bits per byte, BLEU/chrF and latency of a run")
     s.add_argument("run", help="a run folder or a checkpoint folder")
-    s.add_argument("--data", required=True, help="a text file or folder (held-out text, QA or dialogues)")
-    s.add_argument("--task", default="auto", choices=["auto", "lm", "qa", "dialogue"],
-                   help="qa and dialogue add BLEU/chrF of generated answers; auto detects the format")
-    s.add_argument("--max-examples", type=int, default=100, help="answers to generate for BLEU/chrF")
-    s.add_argument("--max-tokens", type=int, default=None, help="evaluate the loss on the first N tokens only")
+    _eval_options(s)
     s.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     s.add_argument("--json", action="store_true", help="print the results as JSON")
     _device_options(s)
@@ -457,10 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("compare", help="evaluate several runs on the same data: a table and a bar chart")
     s.add_argument("runs", nargs="+", help="run or checkpoint folders")
-    s.add_argument("--data", required=True, help="a text file or folder (held-out text, QA or dialogues)")
-    s.add_argument("--task", default="auto", choices=["auto", "lm", "qa", "dialogue"])
-    s.add_argument("--max-examples", type=int, default=100)
-    s.add_argument("--max-tokens", type=int, default=None)
+    _eval_options(s)
     s.add_argument("--out", default="compare.png", help="the bar chart to write")
     s.add_argument("--json", default=None, help="also write the results to this JSON file")
     _device_options(s)
@@ -519,6 +512,15 @@ def _device_options(s) -> None:
     s.add_argument("--dtype", default="auto",
                    help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16; bf16 is ~100x slower than fp32 "
                         "on CPUs without native bf16")
+
+
+def _eval_options(s) -> None:
+    s.add_argument("--data", required=True, help="a text file or folder (held-out text, QA or dialogues), "
+                                                 "or a prepared data folder (its held-out tail)")
+    s.add_argument("--task", default="auto", choices=["auto", "lm", "qa", "dialogue"],
+                   help="qa and dialogue add BLEU/chrF of generated answers; auto detects the format")
+    s.add_argument("--max-examples", type=int, default=100, help="answers to generate for BLEU/chrF")
+    s.add_argument("--max-tokens", type=int, default=None, help="evaluate the loss on the first N tokens only")
 
 
 def _decode_options(s) -> None:
