@@ -127,10 +127,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             hf.save_pretrained(folder)
             ours, _ = import_hf(folder)
+            peers = {}  # llama.cpp runs: name -> its GGUF file of the same weights
             if args.llama_bench:
-                write_gguf(hf, Path(folder) / "model.gguf")
+                peers = {"llama.cpp": Path(folder) / "model.gguf"}
                 if args.int8:
-                    write_gguf(hf, Path(folder) / "model-q8.gguf", q8=True)
+                    peers["llama.cpp q8_0"] = Path(folder) / "model-q8.gguf"
+                for peer, file in peers.items():
+                    write_gguf(hf, file, q8=peer.endswith("q8_0"))
             n_params = sum(p.numel() for p in ours.parameters())
             prompt = [(7 * i) % cfg.vocab_size for i in range(1, args.prompt_tokens + 1)]
             params = SamplingParams(max_tokens=args.new_tokens, temperature=0)
@@ -141,7 +144,6 @@ def main() -> None:
             if args.int8:
                 engines["samovar int8"] = Engine(quantize_int8(ours))
             agreement = ""
-            peers = ["llama.cpp", *(["llama.cpp q8_0"] if args.int8 else [])] if args.llama_bench else []
             rates = {key: [] for key in [*engines, "HF", *peers]}
             for _ in range(args.repeats):
                 outs = {}
@@ -161,9 +163,8 @@ def main() -> None:
                         agreement = f"  (int8 agrees with float32 for the first {same} tokens)"
                     else:
                         assert out[:16] == expected[:16], f"{key} disagrees with HF"
-                for peer, file in zip(peers, ["model.gguf", "model-q8.gguf"]):
-                    rates[peer].append(llama_bench(args.llama_bench, Path(folder) / file, args.prompt_tokens,
-                                                   args.new_tokens))
+                for peer, file in peers.items():
+                    rates[peer].append(llama_bench(args.llama_bench, file, args.prompt_tokens, args.new_tokens))
         medians = {key: statistics.median(r) for key, r in rates.items()}
         print(f"{name}: {n_params / 1e6:.1f}M parameters, {args.prompt_tokens}-token prompt, {args.new_tokens} new "
               f"tokens, fp32, {torch.get_num_threads()} threads, medians of {args.repeats}:")
