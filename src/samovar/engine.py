@@ -9,6 +9,8 @@ cache and goes on (the recompute path crops to the last context_len tokens inste
 Engine(model, compile=True) runs the one-token step through torch.compile. Its shapes never change:
 the cache is static (see KVCache), sized to a power of two that holds the request, and the position
 is a tensor, so one graph serves every token; the prompt's prefill runs eagerly.
+
+`input_major(model)` lays the Linear weights out for batch-1 decoding on the CPU; `load` does it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+import torch.nn as nn
 
 from .quantize import is_quantized
 
@@ -64,6 +67,19 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def input_major(model: nn.Module) -> nn.Module:
+    """Store every Linear weight input-major: the same (out, in) tensor with the memory layout of its
+    transpose, as channels_last is for convolutions. A decoding step multiplies one vector by each
+    weight, and MKL streams a weight laid out this way faster: the 51M model's 50,257 x 512 head takes
+    2.2 instead of 3.0 ms on our 2-core CPU, and the whole model decodes 15% faster (RESULTS.md).
+    Values, shapes and names do not change, and checkpoints and exports save contiguous copies."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):  # a tied head is tok_emb's weight: lookups read it strided
+                module.weight.data = module.weight.data.t().contiguous().t()
+    return model
 
 
 def _last_logits(model, idx, cache):
