@@ -52,3 +52,10 @@ def test_int8_benchmark_runs(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "int8 cost: perplexity" in result.stdout
+
+
+def test_head_loss_benchmark_runs():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "head_loss.py"), "--tiny", "--repeats", "1",
+                             "--batch", "2", "--context", "32"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "samovar/HF: memory" in result.stdout

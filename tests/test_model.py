@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from samovar.config import get_preset
-from samovar.layers import KVCache, RMSNorm, Rotary, apply_rotary
+from samovar.layers import KVCache, RMSNorm, Rotary, apply_rotary, head_cross_entropy
 from samovar.model import Transformer
 
 VARIANTS = {
@@ -95,6 +95,51 @@ def test_loss_mask_ignores_masked_positions():
     logits = model(idx)
     expected = F.cross_entropy(logits[:, 5:].reshape(-1, cfg.vocab_size), targets[:, 5:].reshape(-1))
     torch.testing.assert_close(model(idx, targets, loss_mask=mask), expected)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_head_cross_entropy_equals_cross_entropy_of_full_logits(softcap):
+    """Chunked (a 9,000-token vocabulary: 128-row chunks, the last one partial), -100 skipped; the
+    loss and both gradients equal F.cross_entropy's over the full logits."""
+    torch.manual_seed(0)
+    x = torch.randn(300, 32, requires_grad=True)
+    weight = (torch.randn(9000, 32) * 0.3).requires_grad_()
+    targets = torch.randint(9000, (300,))
+    targets[::7] = -100
+
+    def full_logits_loss(x, weight):
+        logits = F.linear(x, weight)
+        logits = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+        return F.cross_entropy(logits, targets)
+
+    expected = full_logits_loss(x, weight)
+    expected_grads = torch.autograd.grad(expected, (x, weight))
+    loss = head_cross_entropy(x, weight, targets, softcap)
+    grads = torch.autograd.grad(loss * 3.0, (x, weight))  # the upstream gradient scales both
+    torch.testing.assert_close(loss, expected)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, 3.0 * want)
+    with torch.no_grad():
+        torch.testing.assert_close(head_cross_entropy(x, weight, targets, softcap), expected.detach())
+    # all targets skipped (a batch without answer tokens): zero loss and zero gradients, not NaN
+    none = head_cross_entropy(x, weight, torch.full_like(targets, -100))
+    assert none.item() == 0.0 and not torch.autograd.grad(none, x)[0].any()
+
+
+def test_head_cross_entropy_under_bf16_autocast():
+    torch.manual_seed(0)
+    x = torch.randn(200, 32, requires_grad=True)
+    weight = (torch.randn(9000, 32) * 0.3).requires_grad_()
+    targets = torch.randint(9000, (200,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.cross_entropy(F.linear(x, weight).float(), targets)
+        loss = head_cross_entropy(x, weight, targets)
+    expected_grads = torch.autograd.grad(expected, (x, weight))
+    grads = torch.autograd.grad(loss, (x, weight))
+    assert abs(loss.item() - expected.item()) < 0.02
+    for got, want in zip(grads, expected_grads):
+        assert got.dtype == torch.float32
+        assert (got - want).abs().max() < 0.02 * want.abs().max()
 
 
 def test_tied_and_untied_embeddings():

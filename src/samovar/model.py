@@ -12,12 +12,11 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .config import ModelConfig
-from .layers import (KVCache, LayerNorm, MoE, RMSNorm, Rotary, Router, init_std_for_residual,
-                     load_balancing_loss, make_attention, make_mlp, make_norm)
+from .layers import (KVCache, LayerNorm, MoE, RMSNorm, Rotary, Router, head_cross_entropy,
+                     init_std_for_residual, load_balancing_loss, make_attention, make_mlp, make_norm)
 
 
 class Block(nn.Module):
@@ -80,16 +79,14 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.final_norm(x)
-        logits = self.lm_head(x)  # (B, T, vocab_size)
-        if self.config.logit_softcap is not None:  # squash logits smoothly into (-cap, cap)
-            cap = self.config.logit_softcap
-            logits = cap * torch.tanh(logits / cap)
+        cap = self.config.logit_softcap  # squashes logits smoothly into (-cap, cap)
         if targets is None:
-            return logits
-        logits = logits.float()
+            logits = self.lm_head(x)  # (B, T, vocab_size)
+            return logits if cap is None else cap * torch.tanh(logits / cap)
         if loss_mask is not None:
             targets = targets.masked_fill(~loss_mask.bool(), -100)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        # = F.cross_entropy(logits, targets), the head's logits made and used a chunk of rows at a time
+        loss = head_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), cap)
         if self.config.n_expert and self.config.aux_loss_coef:
             loss = loss + self.config.aux_loss_coef * self.aux_loss()
         return loss
