@@ -17,7 +17,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import ModelConfig
-from .engine import Engine, GenerationError, SamplingParams, input_major
+from .engine import Engine, GenerationError, SamplingParams, head_input_major
 from .model import Transformer, build_model
 from .quantize import quantize as quantize_model
 from .runtime import resolve_device, resolve_dtype
@@ -27,7 +27,7 @@ from .tokenizer import Tokenizer
 def load(path: str | Path, device: str = "auto", dtype: str = "auto",
          quantize: str | None = None) -> tuple[Transformer, Tokenizer | None]:
     """(model, tokenizer) from a checkpoint folder or a run folder (its latest checkpoint), in eval mode
-    and, on the CPU, with its weights laid out for decoding (engine.input_major).
+    and, on the CPU, with its head laid out for decoding (engine.head_input_major).
     The tokenizer is None when the folder has no tokenizer.json (an HF import without one).
     quantize="int8": int8 Linear weights for faster CPU decoding (see quantize.py)."""
     folder = ckpt.resolve_checkpoint(path)
@@ -37,7 +37,7 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto",
     ckpt.load_state_into(model, ckpt.load_weights(folder), str(folder))
     model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval()
     if dev.type == "cpu":
-        input_major(model)
+        head_input_major(model)
     model = quantize_model(model, quantize)
     tokenizer = Tokenizer.load(folder / "tokenizer.json") if (folder / "tokenizer.json").exists() else None
     return model, tokenizer
