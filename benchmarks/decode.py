@@ -6,7 +6,8 @@ input-major, as `samovar.load` lays it out on the CPU: engine.head_input_major),
 tokens/s (medians) and the ratios. The first tokens of both must agree (the same model).
 
 --compile also times samovar's compiled one-token step (Engine(compile=True)); --int8 times
-decoding with int8 weights (samovar.quantize; its perplexity cost on a trained model is what
+decoding with int8 weights (samovar.quantize: FBGEMM's int8, and with --compile also weight-only
+int8 through the compiled step; their perplexity cost on a trained model is what
 benchmarks/int8.py measures); --llama-bench PATH writes the same weights as an f32 GGUF file and
 times llama.cpp's `llama-bench` on it (text generation of --new-tokens tokens after a
 --prompt-tokens context, as many threads as torch uses).
@@ -109,7 +110,7 @@ def main() -> None:
 
     from samovar.engine import Engine, SamplingParams, head_input_major
     from samovar.hf import import_hf
-    from samovar.quantize import quantize_int8
+    from samovar.quantize import quantize_int8, quantize_int8_weight_only
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default="10m,51m")
@@ -144,7 +145,10 @@ def main() -> None:
                 list(engines["samovar compiled"].generate(prompt, params))  # compile outside the timing
             if args.int8:
                 engines["samovar int8"] = Engine(quantize_int8(ours))
-            agreement = ""
+            if args.int8 and args.compile:
+                engines["samovar int8wo compiled"] = Engine(quantize_int8_weight_only(ours), compile=True)
+                list(engines["samovar int8wo compiled"].generate(prompt, params))
+            agreement = {}
             rates = {key: [] for key in [*engines, "HF", *peers]}
             for _ in range(args.repeats):
                 outs = {}
@@ -159,9 +163,9 @@ def main() -> None:
                     rates["HF"].append(args.new_tokens / (time.perf_counter() - start))
                 expected = ref[0, len(prompt):].tolist()
                 for key, out in outs.items():
-                    if key == "samovar int8":  # rounded weights: greedy paths part sooner or later
+                    if "int8" in key:  # rounded weights: greedy paths part sooner or later
                         same = next((i for i, (a, b) in enumerate(zip(out, expected)) if a != b), len(out))
-                        agreement = f"  (int8 agrees with float32 for the first {same} tokens)"
+                        agreement[key] = f"  ({key} agrees with float32 for the first {same} tokens)"
                     else:
                         assert out[:16] == expected[:16], f"{key} disagrees with HF"
                 for peer, file in peers.items():
@@ -170,12 +174,12 @@ def main() -> None:
         print(f"{name}: {n_params / 1e6:.1f}M parameters, {args.prompt_tokens}-token prompt, {args.new_tokens} new "
               f"tokens, fp32, {torch.get_num_threads()} threads, medians of {args.repeats}:")
         for key, rate in medians.items():
-            peer = "llama.cpp q8_0" if key == "samovar int8" and "llama.cpp q8_0" in medians else "llama.cpp"
+            peer = "llama.cpp q8_0" if "int8" in key and "llama.cpp q8_0" in medians else "llama.cpp"
             ratios = "" if not key.startswith("samovar") else f"  {rate / medians['HF']:.2f}x HF" + (
                 f", {rate / medians[peer]:.0%} of {peer}" if peer in medians else "")
-            print(f"  {key:18s} {rate:7.1f} tok/s{ratios}")
-        if agreement:
-            print(agreement)
+            print(f"  {key:24s} {rate:7.1f} tok/s{ratios}")
+        for line in agreement.values():
+            print(line)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def test_decode_benchmark_runs():
                              "--new-tokens", "16", "--repeats", "1", "--compile", "--int8"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    for row in ("samovar compiled", "samovar int8", "x HF", "int8 agrees with float32"):
+    for row in ("samovar compiled", "samovar int8", "samovar int8wo compiled", "x HF", "int8 agrees with float32"):
         assert row in result.stdout
 
 
@@ -51,7 +51,7 @@ def test_int8_benchmark_runs(tmp_path):
                              "--data", str(tmp_path / "text.txt"), "--max-tokens", "500", "--repeats", "1"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "int8 cost: perplexity" in result.stdout
+    assert "int8 cost: perplexity" in result.stdout and "int8wo cost: perplexity" in result.stdout
 
 
 def test_head_loss_benchmark_runs():

@@ -60,13 +60,16 @@ def test_generate_is_reproducible_and_streams(cli_run):
 def test_compiled_and_int8_decoding_from_the_command_line(cli_run):
     base = ("generate", cli_run / "run", "--prompt", "ROMEO", "--temperature", "0", "--max-tokens", "20")
     eager, compiled, int8 = run_cli(*base), run_cli(*base, "--compile"), run_cli(*base, "--quantize", "int8")
-    assert eager.returncode == compiled.returncode == int8.returncode == 0, compiled.stderr + int8.stderr
-    assert compiled.stdout == eager.stdout and int8.stdout.startswith("ROMEO")
-    assert_one_line_error(run_cli(*base, "--compile", "--quantize", "int8"), "do not combine")
+    int8wo = run_cli(*base, "--quantize", "int8wo", "--compile")
+    assert eager.returncode == compiled.returncode == int8.returncode == int8wo.returncode == 0, (
+        compiled.stderr + int8.stderr + int8wo.stderr)
+    assert compiled.stdout == eager.stdout and int8.stdout.startswith("ROMEO") and int8wo.stdout.startswith("ROMEO")
+    assert_one_line_error(run_cli(*base, "--compile", "--quantize", "int8"), "int8wo (weight-only int8) compiles")
     ev = [json.loads(run_cli("eval", cli_run / "run", "--data", cli_run / "corpus.txt", "--no-latency", "--json",
-                             *extra).stdout) for extra in ((), ("--quantize", "int8"))]
-    assert ev[0]["perplexity"] != ev[1]["perplexity"]
-    assert abs(ev[1]["perplexity"] / ev[0]["perplexity"] - 1) < 0.05
+                             *extra).stdout) for extra in ((), ("--quantize", "int8"), ("--quantize", "int8wo"))]
+    for quantized in ev[1:]:
+        assert quantized["perplexity"] != ev[0]["perplexity"]
+        assert abs(quantized["perplexity"] / ev[0]["perplexity"] - 1) < 0.05
 
 
 def test_resume_of_a_finished_run_extends_it(cli_run, tmp_path):

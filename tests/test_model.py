@@ -103,7 +103,8 @@ def test_head_cross_entropy_equals_cross_entropy_of_full_logits(softcap):
     loss and both gradients equal F.cross_entropy's over the full logits."""
     torch.manual_seed(0)
     x = torch.randn(300, 32, requires_grad=True)
-    weight = (torch.randn(9000, 32) * 0.3).requires_grad_()
+    head = torch.nn.Linear(32, 9000, bias=False)
+    weight = torch.nn.init.normal_(head.weight, std=0.3)
     targets = torch.randint(9000, (300,))
     targets[::7] = -100
 
@@ -114,26 +115,27 @@ def test_head_cross_entropy_equals_cross_entropy_of_full_logits(softcap):
 
     expected = full_logits_loss(x, weight)
     expected_grads = torch.autograd.grad(expected, (x, weight))
-    loss = head_cross_entropy(x, weight, targets, softcap)
+    loss = head_cross_entropy(x, head, targets, softcap)
     grads = torch.autograd.grad(loss * 3.0, (x, weight))  # the upstream gradient scales both
     torch.testing.assert_close(loss, expected)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, 3.0 * want)
     with torch.no_grad():
-        torch.testing.assert_close(head_cross_entropy(x, weight, targets, softcap), expected.detach())
+        torch.testing.assert_close(head_cross_entropy(x, head, targets, softcap), expected.detach())
     # all targets skipped (a batch without answer tokens): zero loss and zero gradients, not NaN
-    none = head_cross_entropy(x, weight, torch.full_like(targets, -100))
+    none = head_cross_entropy(x, head, torch.full_like(targets, -100))
     assert none.item() == 0.0 and not torch.autograd.grad(none, x)[0].any()
 
 
 def test_head_cross_entropy_under_bf16_autocast():
     torch.manual_seed(0)
     x = torch.randn(200, 32, requires_grad=True)
-    weight = (torch.randn(9000, 32) * 0.3).requires_grad_()
+    head = torch.nn.Linear(32, 9000, bias=False)
+    weight = torch.nn.init.normal_(head.weight, std=0.3)
     targets = torch.randint(9000, (200,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = F.cross_entropy(F.linear(x, weight).float(), targets)
-        loss = head_cross_entropy(x, weight, targets)
+        loss = head_cross_entropy(x, head, targets)
     expected_grads = torch.autograd.grad(expected, (x, weight))
     grads = torch.autograd.grad(loss, (x, weight))
     assert abs(loss.item() - expected.item()) < 0.02

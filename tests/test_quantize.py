@@ -1,13 +1,16 @@
-"""Int8 weights: smaller, close to float32, and refused where they cannot run."""
+"""Int8 weights (FBGEMM's dynamic kind and weight-only): smaller, close to float32, compiled where
+they can be, refused where they cannot run."""
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from samovar.config import get_preset
 from samovar.engine import Engine, GenerationError, SamplingParams
 from samovar.model import Transformer
-from samovar.quantize import QuantizationError, is_quantized, quantize, quantize_int8
+from samovar.quantize import (Int8Linear, QuantizationError, is_dynamic_int8, quantize, quantize_int8,
+                              quantize_int8_weight_only)
 
 from conftest import memorize
 
@@ -16,6 +19,8 @@ def linear_weight_bytes(model):
     total = 0
     for m in model.modules():
         if isinstance(m, nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, Int8Linear):
             total += m.weight.numel() * m.weight.element_size()
         elif isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
             w, _ = m._weight_bias()
@@ -28,7 +33,7 @@ def test_int8_logits_stay_close_and_weights_shrink(preset):
     torch.manual_seed(0)
     model = Transformer(get_preset(preset)).eval()
     q = quantize_int8(model)
-    assert is_quantized(q) and not is_quantized(model)  # a copy; the float model is untouched
+    assert is_dynamic_int8(q) and not is_dynamic_int8(model)  # a copy; the float model is untouched
     assert not any(isinstance(m, nn.Linear) for m in q.modules())
     assert linear_weight_bytes(q) * 4 == linear_weight_bytes(model)
     idx = torch.randint(model.config.vocab_size, (2, 24))
@@ -55,5 +60,45 @@ def test_refusals():
     with pytest.raises(QuantizationError, match="unknown quantization 'int4'"):
         quantize(model, "int4")
     q = quantize_int8(Transformer(get_preset("llama-tiny")).eval())
-    with pytest.raises(GenerationError, match="do not combine"):
+    with pytest.raises(GenerationError, match="int8wo .weight-only int8. compiles"):
         Engine(q, compile=True)
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "gpt2-tiny", "mixtral-tiny", "deepseek-v3-tiny"])
+def test_weight_only_int8_logits_stay_close_and_weights_shrink(preset):
+    torch.manual_seed(0)
+    model = Transformer(get_preset(preset)).eval()
+    q = quantize_int8_weight_only(model)
+    assert not any(isinstance(m, nn.Linear) for m in q.modules())
+    assert all(m.weight.dtype == torch.int8 for m in q.modules() if isinstance(m, Int8Linear))
+    assert linear_weight_bytes(q) * 4 == linear_weight_bytes(model)  # a tied head counts once in each
+    assert q.tok_emb.weight.dtype == torch.float32 and isinstance(q.lm_head, Int8Linear)
+    assert isinstance(model.lm_head, nn.Linear)  # a copy: the float model keeps its layers
+    idx = torch.randint(model.config.vocab_size, (2, 24))
+    with torch.inference_mode():
+        ref, out = model(idx), q(idx)
+        one_row = q(idx[:1, :1])  # the multiply-and-sum path of a decoding step
+    err = (out - ref).norm() / ref.norm()
+    assert 0 < err < 0.05, err
+    torch.testing.assert_close(one_row[0, 0], out[0, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_weight_only_int8_compiles_and_recites():
+    torch.manual_seed(0)
+    text = list(range(2, 40)) * 8
+    cfg = get_preset("llama-tiny").replace(vocab_size=64, context_len=48)
+    q = quantize_int8_weight_only(memorize(Transformer(cfg), text, steps=120))
+    params = SamplingParams(max_tokens=20, temperature=0)
+    compiled = list(Engine(q, compile=True).generate([10, 11, 12], params))
+    assert compiled == list(Engine(q).generate([10, 11, 12], params)) == list(range(13, 33))
+
+
+@pytest.mark.parametrize("kind", ["int8", "int8wo"])
+def test_loss_of_a_quantized_model(kind):
+    """Answer metrics call model(x, targets) on quantized models: the chunked loss uses their head."""
+    torch.manual_seed(0)
+    q = quantize(Transformer(get_preset("llama-tiny")).eval(), kind)
+    idx, targets = torch.randint(q.config.vocab_size, (2, 12)), torch.randint(q.config.vocab_size, (2, 12))
+    with torch.inference_mode():
+        expected = F.cross_entropy(q(idx).flatten(0, 1), targets.flatten())
+        torch.testing.assert_close(q(idx, targets), expected)

@@ -29,7 +29,7 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto",
     """(model, tokenizer) from a checkpoint folder or a run folder (its latest checkpoint), in eval mode
     and, on the CPU, with its head laid out for decoding (engine.head_input_major).
     The tokenizer is None when the folder has no tokenizer.json (an HF import without one).
-    quantize="int8": int8 Linear weights for faster CPU decoding (see quantize.py)."""
+    quantize="int8" or "int8wo": int8 Linear weights for faster decoding (see quantize.py)."""
     folder = ckpt.resolve_checkpoint(path)
     cfg = ModelConfig.load(folder / "config.json")
     dev = resolve_device(device)

@@ -524,9 +524,11 @@ def _eval_options(s) -> None:
 
 
 def _decode_options(s) -> None:
-    s.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8: int8 Linear weights (CPU, float32 model), about 2.5x faster decoding of a 51M "
-                        "model with a large vocabulary; `samovar eval --quantize int8` shows its perplexity cost")
+    s.add_argument("--quantize", choices=["int8", "int8wo"], default=None,
+                   help="int8: int8 Linear weights run by FBGEMM (CPU, float32 model), about 2.5x faster decoding "
+                        "of a 51M model with a large vocabulary; int8wo: weight-only int8, for --compile (the "
+                        "fastest decoding; slow without compiling). `samovar eval --quantize KIND` shows the "
+                        "perplexity cost")
     s.add_argument("--compile", action="store_true",
                    help="decode through a torch.compile'd one-token step (compiling takes seconds to a minute; "
                         "the lstm-seq2seq baseline always decodes eagerly)")

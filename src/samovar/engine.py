@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from .quantize import is_quantized
+from .quantize import is_dynamic_int8
 
 
 class GenerationError(ValueError):
@@ -112,8 +112,9 @@ class Engine:
         self.static = compile
         self._step = self._forward
         if compile:
-            if is_quantized(model):
-                raise GenerationError("compile and int8 quantization do not combine; choose one")
+            if is_dynamic_int8(model):
+                raise GenerationError("compile does not combine with int8 (FBGEMM's dynamic kernel); "
+                                      "int8wo (weight-only int8) compiles")
             if model.config.n_expert:  # which tokens reach which expert decides shapes at run time
                 raise GenerationError("compile supports dense models; a mixture of experts decodes eagerly")
             self._step = functools.partial(self._forward, last_logits=_compiled_last_logits())

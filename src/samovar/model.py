@@ -86,7 +86,7 @@ class Transformer(nn.Module):
         if loss_mask is not None:
             targets = targets.masked_fill(~loss_mask.bool(), -100)
         # = F.cross_entropy(logits, targets), the head's logits made and used a chunk of rows at a time
-        loss = head_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), cap)
+        loss = head_cross_entropy(x.flatten(0, 1), self.lm_head, targets.reshape(-1), cap)
         if self.config.n_expert and self.config.aux_loss_coef:
             loss = loss + self.config.aux_loss_coef * self.aux_loss()
         return loss

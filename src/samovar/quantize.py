@@ -1,16 +1,21 @@
-"""Int8 weights for CPU decoding.
+"""Int8 weights for CPU decoding, two ways.
 
 Batch-1 decoding reads every weight once per token, so it runs at the speed of memory, not of
-arithmetic. `quantize_int8` stores each Linear's weight as int8 with one scale per output row
-(symmetric, per channel): a quarter of float32's bytes. The products run in FBGEMM's dynamic int8
-kernel, which also rounds its input to int8, with one scale per call computed at run time. So this
-is weight-and-activation int8: PyTorch's weight-only int8 kernel was slower than float32 on the
-CPUs we measured (benchmarks/RESULTS.md). One consequence: a row's output depends slightly on the
-rows that share its call, so a prefill and token-by-token decoding agree only to rounding.
-Embeddings, norms and routers stay in float32.
+arithmetic; int8 weights are a quarter of float32's bytes. Both kinds store each Linear's weight as
+int8 with one scale per output row (symmetric, per channel).
 
-Rounding costs some accuracy: `samovar eval RUN --quantize int8` measures the perplexity cost on
-your data, and benchmarks/int8.py prints it beside the speed.
+- "int8" (`quantize_int8`): the products run in FBGEMM's dynamic int8 kernel, which also rounds its
+  input to int8, with one scale per call computed at run time (weight-and-activation int8). Fast
+  in eager mode; not compilable. A row's output depends slightly on the rows that share its call,
+  so a prefill and token-by-token decoding agree only to rounding.
+- "int8wo" (`quantize_int8_weight_only`, weight-only): activations stay float; `Int8Linear` writes
+  a one-row product as multiply-and-sum, which the compiled decoding step (`--compile`) turns into
+  one kernel that converts the int8 weight as it reads it. The fastest decoding here (RESULTS.md);
+  without compiling, each product first converts the whole weight, which is slow.
+
+Embeddings, norms and routers stay in float32; "int8wo" also quantizes a tied head (a copy: the
+embedding keeps its float table). Rounding costs some accuracy: `samovar eval RUN --quantize KIND`
+measures the perplexity cost on your data, and benchmarks/int8.py prints it beside the speed.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import warnings
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "int8wo")
 
 
 class QuantizationError(ValueError):
@@ -44,7 +50,40 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     return quantized
 
 
-def is_quantized(model: nn.Module) -> bool:
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W stored as int8 rows times one float scale per row (weight-only int8)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # the largest weight of a row -> 127
+        self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x):
+        w = self.weight.to(x.dtype)
+        if x.shape[:-1].numel() == 1:  # one row (a decoding step): compiled, one pass over the int8 weight
+            y = (x.unsqueeze(-2) * w).sum(-1)
+        else:
+            y = F.linear(x, w)
+        y = y * self.scale
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_int8_weight_only(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose Linear layers (the head too) are Int8Linear; for inference."""
+    quantized = copy.deepcopy(model).eval()
+    for module in list(quantized.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, Int8Linear(child))
+    return quantized
+
+
+def is_dynamic_int8(model: nn.Module) -> bool:
+    """Quantized for FBGEMM's dynamic kernel ("int8"), which torch.compile cannot trace."""
     return any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.modules())
 
 
@@ -53,4 +92,4 @@ def quantize(model: nn.Module, kind: str | None) -> nn.Module:
         return model
     if kind not in QUANTIZATIONS:
         raise QuantizationError(f"unknown quantization {kind!r}; choose from {', '.join(QUANTIZATIONS)}")
-    return quantize_int8(model)
+    return quantize_int8(model) if kind == "int8" else quantize_int8_weight_only(model)
