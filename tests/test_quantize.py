@@ -102,3 +102,13 @@ def test_loss_of_a_quantized_model(kind):
     with torch.inference_mode():
         expected = F.cross_entropy(q(idx).flatten(0, 1), targets.flatten())
         torch.testing.assert_close(q(idx, targets), expected)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int8wo"])
+def test_a_quantized_model_is_not_saved_as_a_checkpoint(tmp_path, kind):
+    from samovar.checkpoint import CheckpointError, save_checkpoint
+
+    q = quantize(Transformer(get_preset("llama-tiny")).eval(), kind)
+    with pytest.raises(CheckpointError, match="int8 weights, for inference only"):
+        save_checkpoint(tmp_path / "ckpt", q, None)
+    assert not (tmp_path / "ckpt").exists()

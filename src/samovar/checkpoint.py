@@ -25,6 +25,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .quantize import is_quantized
+
 WEIGHTS = "model.safetensors"
 CHECKPOINTS = "checkpoints"
 
@@ -89,6 +91,9 @@ def save_checkpoint(folder: str | Path, model, tokenizer, trainer_state: dict | 
                     optimizer_state: dict | None = None, model_state: dict | None = None) -> Path:
     """Write a complete checkpoint folder at `folder`, atomically replacing any older one there.
     `model_state` overrides the model's own state dict (the gathered one of a sharded model)."""
+    if is_quantized(model):
+        raise CheckpointError("this model has int8 weights, for inference only; save the float model "
+                              "(--quantize applies when loading)")
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-"))

@@ -82,6 +82,10 @@ def quantize_int8_weight_only(model: nn.Module) -> nn.Module:
     return quantized
 
 
+def is_quantized(model: nn.Module) -> bool:
+    return is_dynamic_int8(model) or any(isinstance(m, Int8Linear) for m in model.modules())
+
+
 def is_dynamic_int8(model: nn.Module) -> bool:
     """Quantized for FBGEMM's dynamic kernel ("int8"), which torch.compile cannot trace."""
     return any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.modules())
