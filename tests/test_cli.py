@@ -67,6 +67,9 @@ def test_compiled_and_int8_decoding_from_the_command_line(cli_run):
     assert_one_line_error(run_cli(*base, "--compile", "--quantize", "int8"), "int8wo (weight-only int8) compiles")
     ev = [json.loads(run_cli("eval", cli_run / "run", "--data", cli_run / "corpus.txt", "--no-latency", "--json",
                              *extra).stdout) for extra in ((), ("--quantize", "int8"), ("--quantize", "int8wo"))]
+    slow = run_cli(*base, "--quantize", "int8wo")  # works, and says it is the slow way
+    assert slow.returncode == 0 and slow.stdout.startswith("ROMEO") and "fast with --compile" in slow.stderr
+    assert "int8wo" not in int8wo.stderr
     for quantized in ev[1:]:
         assert quantized["perplexity"] != ev[0]["perplexity"]
         assert abs(quantized["perplexity"] / ev[0]["perplexity"] - 1) < 0.05

@@ -536,6 +536,9 @@ def _decode_options(s) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quantize", None) == "int8wo" and not args.compile:
+        print("samovar: note: int8wo is fast with --compile; without it, decoding runs at about half "
+              "float32's speed", file=sys.stderr)
     try:
         args.func(args)
     except user_errors() as e:
