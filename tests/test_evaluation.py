@@ -64,6 +64,17 @@ def test_eval_command_reports_every_metric(qa_run):
     assert text.returncode == 0 and "bits per byte" in text.stdout and "BLEU" not in text.stdout
 
 
+def test_max_tokens_limits_the_loss_not_the_answers(qa_run):
+    from samovar.api import LLM
+    from samovar.evaluation import evaluate
+
+    llm = LLM.from_path(qa_run / "run", device="cpu")
+    full = evaluate(llm, qa_run / "heldout.txt", max_examples=2, with_latency=False)
+    short = evaluate(llm, qa_run / "heldout.txt", max_examples=2, max_tokens=500, with_latency=False)
+    assert short["tokens"] == 499 < full["tokens"]
+    assert short["answer_tokens"] == full["answer_tokens"] and short["examples"] == full["examples"]
+
+
 def test_bits_per_byte_divide_by_the_texts_bytes(tmp_path):
     """Bits per byte count the UTF-8 bytes of the text, whatever the tokenizer (Cyrillic: 2 bytes a letter)."""
     text = " ".join(f"слово{i % 37} word{i % 11}" for i in range(300))

@@ -160,10 +160,11 @@ def evaluate(llm, data: str | Path, task: str = "auto", max_examples: int = 100,
     result = {"data": str(data), "task": task}
     if not seq2seq:  # loss over the whole text: only a language model has one
         ids = llm.tokenizer.encode(text)
+        n_bytes = len(text.encode("utf-8"))
         if max_tokens is not None and len(ids) > max_tokens:  # the first max_tokens tokens, and their bytes
             ids = ids[:max_tokens]
-            text = llm.tokenizer.decode(ids)
-        result.update(lm_metrics(llm.model, ids, len(text.encode("utf-8"))))
+            n_bytes = len(llm.tokenizer.decode(ids).encode("utf-8"))
+        result.update(lm_metrics(llm.model, ids, n_bytes))
     if task != "lm":
         pairs = PAIR_FORMATS[task](text)
         if not pairs:
