@@ -64,11 +64,9 @@ def lm_metrics(model, ids, n_bytes: int | None = None, batch_size: int = 16) -> 
         for i, w in enumerate(windows):
             x[i, :len(w) - 1] = torch.from_numpy(w[:-1].astype(np.int64))
             y[i, :len(w) - 1] = torch.from_numpy(w[1:].astype(np.int64))
-        logits = model(x.to(device)).float()
-        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.to(device).view(-1),
-                                                 ignore_index=-100, reduction="sum")
-        total += loss.item()
-        count += int((y != -100).sum())
+        n = int((y != -100).sum())
+        total += model(x.to(device), y.to(device)).item() * n  # the model's mean loss over its n targets
+        count += n
     out = {"tokens": count, "loss": total / count, "perplexity": math.exp(min(total / count, 700))}
     if n_bytes:
         out["bits_per_byte"] = total / math.log(2) / n_bytes
