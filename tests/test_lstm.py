@@ -55,7 +55,7 @@ def test_lstm_learns_answers_and_generates(tok):
     prompt = tok.encode("T: Кошка 7 спит на окне\nQ: где спит кошка 7?\nA:")
     out = tok.decode(list(model.generate(prompt, 12, stop_ids=[tok.eos_id])))
     assert out.startswith(" на окне")
-    with pytest.raises(ValueError, match="needs a loss_mask"):
+    with pytest.raises(ValueError, match="needs a loss_mask.*--pairs qa or dialogue"):
         model(x, y)
 
 

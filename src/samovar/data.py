@@ -330,8 +330,6 @@ class TokenData:
     def n_pairs(self, split: str) -> int:
         return len(self.pairs(split)[1])
 
-
-
     def check_context(self, context_len: int) -> None:
         for split in ("train", "val"):
             n = len(getattr(self, split))

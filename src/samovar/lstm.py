@@ -58,7 +58,7 @@ class Seq2SeqLSTM(nn.Module):
         Rows are split where loss_mask begins (see the module docstring)."""
         if loss_mask is None:
             raise ValueError("the LSTM encoder-decoder trains on prompt/answer pairs: it needs a loss_mask "
-                             "(prepare the data with --format qa or dialogue and train with objective=sft)")
+                             "(prepare the data with --pairs qa or dialogue and train with objective=sft)")
         mask = loss_mask.bool()
         starts = mask.float().argmax(dim=1)  # first answer target: the prompt's last input position
         ends = mask.long().cumsum(1).argmax(dim=1) + 1  # one past the last answer target
