@@ -109,7 +109,7 @@ def main() -> None:
     import transformers
 
     from samovar.engine import Engine, SamplingParams, head_input_major
-    from samovar.hf import import_hf
+    from samovar.interop.hf import import_hf
     from samovar.quantize import quantize_int8, quantize_int8_weight_only
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,6 +1,6 @@
 """Memory and time of one training step with a large vocabulary: samovar's chunked head loss beside HF.
 
-samovar computes the loss of its output head a chunk of rows at a time (layers.head_cross_entropy)
+samovar computes the loss of its output head a chunk of rows at a time (loss.head_cross_entropy)
 and never holds the (batch x context x vocabulary) logits; HF `LlamaForCausalLM` materialises them
 before its cross-entropy (in float32). Each side runs forward + backward of the 51M LLaMA
 shape (512 wide, 8 layers, vocabulary 50,257, tied) on a --batch x --context batch in a fresh
@@ -31,7 +31,7 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermed
 def one_step(side: str, conf: dict, batch: int, context: int) -> dict:
     import transformers
 
-    from samovar.hf import config_from_hf
+    from samovar.interop.hf import config_from_hf
     from samovar.model import Transformer
 
     torch.manual_seed(0)

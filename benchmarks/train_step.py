@@ -30,7 +30,7 @@ def tokens_per_second(step, tokens: int, steps: int) -> float:
 def main() -> None:
     import transformers
 
-    from samovar.hf import config_from_hf, state_from_hf
+    from samovar.interop.hf import config_from_hf, state_from_hf
     from samovar.model import Transformer
     from samovar.train import TrainConfig, make_optimizer, measure_peak_flops
 

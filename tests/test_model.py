@@ -3,7 +3,9 @@ import torch
 import torch.nn.functional as F
 
 from samovar.config import get_preset
-from samovar.layers import KVCache, RMSNorm, Rotary, apply_rotary, head_cross_entropy
+from samovar.kv_cache import KVCache
+from samovar.layers import RMSNorm, Rotary, RouterStats, apply_rotary, load_balancing_loss
+from samovar.loss import head_cross_entropy
 from samovar.model import Transformer
 
 VARIANTS = {
@@ -39,10 +41,11 @@ def test_forward_shapes_and_loss(name):
     logits = model(idx)
     assert logits.shape == (2, 12, cfg.vocab_size)
     targets = torch.randint(cfg.vocab_size, (2, 12))
-    loss = model(idx, targets)
+    stats = RouterStats()
+    loss = model(idx, targets, router_stats=stats)
     expected = F.cross_entropy(logits.view(-1, cfg.vocab_size), targets.view(-1))
     if cfg.n_expert:
-        expected = expected + cfg.aux_loss_coef * model.aux_loss()
+        expected = expected + cfg.aux_loss_coef * load_balancing_loss(stats.router_logits, cfg.n_expert_active)
     assert torch.allclose(loss, expected, atol=1e-5)
     # a fresh model predicts roughly uniformly
     assert abs(loss.item() - torch.log(torch.tensor(float(cfg.vocab_size))).item()) < 1.0
@@ -214,12 +217,12 @@ def test_moe_routes_each_token_to_k_experts_and_balances():
     cfg = get_preset("mixtral-tiny")
     model = make(cfg).train()
     idx = torch.randint(cfg.vocab_size, (4, 16))
-    plain = model(idx, idx)  # with aux_loss_coef = 0.02
-    moe = model.moe_layers()
-    assert len(moe) == cfg.n_layer
-    for layer in moe:
-        assert int(layer.expert_load.sum()) == 4 * 16 * cfg.n_expert_active
-    aux = model.aux_loss()
+    stats = RouterStats()
+    plain = model(idx, idx, router_stats=stats)  # with aux_loss_coef = 0.02
+    assert len(stats.expert_load) == len(stats.router_logits) == cfg.n_layer
+    for load in stats.expert_load:
+        assert int(load.sum()) == 4 * 16 * cfg.n_expert_active
+    aux = load_balancing_loss(stats.router_logits, cfg.n_expert_active)
     assert aux.item() >= 1.0 - 1e-4  # E * sum(f_e * p_e) is 1 when perfectly balanced, more otherwise
     without = make(cfg.replace(aux_loss_coef=0.0)).train()(idx, idx)
     torch.testing.assert_close(plain, without + 0.02 * aux)

@@ -18,6 +18,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import ModelConfig
 from .engine import Engine, GenerationError, SamplingParams, head_input_major
+from .lstm import Seq2SeqLSTM
 from .model import Transformer, build_model
 from .quantize import quantize as quantize_model
 from .runtime import resolve_device, resolve_dtype
@@ -75,7 +76,7 @@ def new_ids(model, prompt: list[int], params: SamplingParams, stop_ids=(), vocab
             compile: bool = False):
     """New ids from either kind of model: the Transformer's Engine (compile: its compiled one-token
     step), or the LSTM baseline's decoder (greedy only)."""
-    if model.config.arch == "lstm-seq2seq":
+    if isinstance(model, Seq2SeqLSTM):
         if params.temperature != 0:
             raise GenerationError("the lstm-seq2seq baseline decodes greedily: use temperature 0")
         return model.generate(prompt, params.max_tokens, [] if params.ignore_eos else stop_ids)

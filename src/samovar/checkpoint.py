@@ -15,6 +15,7 @@ at any moment leaves either the old set of checkpoints or the new one, never hal
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -54,22 +55,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to a temp file beside `path`, flush it to disk, then rename it over `path`."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """A temp file beside `path` for the caller to write (by name); when the block ends without an
+    error it is flushed to disk and renamed over `path`, else removed. A reader sees the old file or
+    the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 is for secrets; these are ordinary files
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        os.close(fd)
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to a temp file beside `path`, flush it to disk, then rename it over `path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -1,4 +1,4 @@
-"""The `samovar` command: each subcommand is a few lines over api.py, data.py and train.py.
+"""The `samovar` command: each subcommand is a few lines over a function of the library.
 
     samovar presets
     samovar prepare INPUT... --tokenizer {char,word,bpe} [--vocab-size N] --out DIR
@@ -8,7 +8,7 @@
     samovar compare RUN_A RUN_B ... --data FILE [--out chart.png]
     samovar runs [FOLDER]          samovar plot RUN [RUN ...] --out FILE.png
     samovar import HF_FOLDER --out RUN       samovar export RUN --format hf --out DIR
-    samovar demo [--minutes M]
+    samovar speedrun [--data input.txt]      samovar demo [--minutes M]
 
 Errors a user can cause print one line, `samovar: error: ...`, and exit with status 2.
 """
@@ -16,31 +16,22 @@ Errors a user can cause print one line, `samovar: error: ...`, and exit with sta
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
-import shutil
 import sys
-import time
 from pathlib import Path
 
-from .config import PRESETS, ConfigError, ModelConfig, format_count, get_preset, parse_field_value
-from .train import TrainConfig
-
-MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
-TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
-FILE_KEYS = {"preset", "data", "out"}
+from .config import PRESETS, ConfigError, ModelConfig, format_count
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .data import DataError
-    from .demo import DemoError
+    from .data.shakespeare import DemoError
     from .engine import GenerationError
+    from .interop.hf import HFError
+    from .quantize import QuantizationError
     from .runtime import RuntimeConfigError
     from .tokenizer import TokenizerError
-    from .hf import HFError
-    from .quantize import QuantizationError
     from .train import TrainingError
 
     return (ConfigError, HFError, DataError, TokenizerError, CheckpointError, GenerationError,
@@ -48,108 +39,47 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 # ---- presets -----------------------------------------------------------------------------------------
+def preset_parts(cfg: ModelConfig) -> str:
+    """The parts a preset is made of, in a few words."""
+    parts = [f"{cfg.norm_placement}-{cfg.norm}", cfg.position, cfg.mlp]
+    parts += ["latent attention"] if cfg.attention == "mla" else []
+    parts += [f"{cfg.n_expert_active} of {cfg.n_expert} experts"
+              + (f" + {cfg.n_shared_expert} shared" if cfg.n_shared_expert else "")] if cfg.n_expert else []
+    parts += [f"window {cfg.sliding_window}"] if cfg.sliding_window else []
+    parts += ["qk-norm"] if cfg.qk_norm else []
+    parts += ["tied"] if cfg.tie_embeddings else []
+    return ", ".join(parts)
+
+
 def cmd_presets(args) -> None:
+    from .model import count_parameters
+
     print(f"{'preset':<16} {'family':<10} {'params':>9}  {'layers':>6} {'width':>6} {'heads':>7} "
           f"{'context':>8} {'vocab':>7}  parts")
     for name, cfg in PRESETS.items():
-        heads = f"{cfg.n_head}/{cfg.kv_heads}" if cfg.kv_heads != cfg.n_head else str(cfg.n_head)
-        parts = [f"{cfg.norm_placement}-{cfg.norm}", cfg.position, cfg.mlp]
-        parts += ["latent attention"] if cfg.attention == "mla" else []
-        parts += [f"{cfg.n_expert_active} of {cfg.n_expert} experts"
-                  + (f" + {cfg.n_shared_expert} shared" if cfg.n_shared_expert else "")] if cfg.n_expert else []
-        parts += [f"window {cfg.sliding_window}"] if cfg.sliding_window else []
-        parts += ["qk-norm"] if cfg.qk_norm else []
-        parts += ["tied"] if cfg.tie_embeddings else []
-        parts = ", ".join(parts)
-        print(f"{name:<16} {cfg.family:<10} {format_count(cfg.num_params()):>9}  {cfg.n_layer:>6} "
-              f"{cfg.n_embd:>6} {heads:>7} {cfg.context_len:>8} {cfg.vocab_size:>7}  {parts}")
+        heads = f"{cfg.n_head}/{cfg.n_kv_head}" if cfg.n_kv_head != cfg.n_head else str(cfg.n_head)
+        print(f"{name:<16} {cfg.family:<10} {format_count(count_parameters(cfg)):>9}  {cfg.n_layer:>6} "
+              f"{cfg.n_embd:>6} {heads:>7} {cfg.context_len:>8} {cfg.vocab_size:>7}  {preset_parts(cfg)}")
 
 
-# ---- prepare -----------------------------------------------------------------------------------------
+# ---- prepare and train -------------------------------------------------------------------------------
 def cmd_prepare(args) -> None:
     from .data import prepare
 
-    specials = () if args.no_special_tokens else None
-    kwargs = {} if specials is None else {"special_tokens": specials}
+    kwargs = {"special_tokens": ()} if args.no_special_tokens else {}
     meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                    val_fraction=args.val_fraction, context_len=args.context_len, pairs=args.pairs, **kwargs)
+    pairs = meta.get("pairs")
     print(f"{meta['tokenizer']} tokenizer, vocabulary {meta['vocab_size']}: "
           f"{meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({meta['dtype']}) "
           f"from {len(meta['sources'])} file(s)"
-          + (f", {meta['pairs']['train']:,} + {meta['pairs']['val']:,} {meta['pairs']['format']} pairs" if "pairs" in meta
-             else "") + f" -> {args.out}")
-
-
-# ---- train -------------------------------------------------------------------------------------------
-def read_config_file(path: str) -> dict:
-    """A flat TOML or YAML mapping (sections [model] and [train] are merged in)."""
-    file = Path(path)
-    if not file.exists():
-        raise ConfigError(f"config file {file} does not exist")
-    text = file.read_text(encoding="utf-8")
-    if file.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ConfigError("YAML configs need PyYAML: pip install pyyaml (or use TOML)") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"cannot parse {file}: {str(e).splitlines()[0]}") from None
-    else:
-        import tomllib
-
-        try:
-            raw = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"cannot parse {file}: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{file} must hold a mapping of keys to values")
-    flat = {}
-    for key, value in raw.items():
-        if key in ("model", "train") and isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key] = value
-    return flat
-
-
-def parse_sets(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(f"--set takes key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
-
-
-def build_configs(preset: str | None, file_values: dict, sets: dict, data_vocab: int | None,
-                  base: ModelConfig | None = None) -> tuple[ModelConfig, TrainConfig]:
-    """ModelConfig and TrainConfig from a preset (or `base`, the config of --init-from), then the
-    config file, then --set (last wins)."""
-    values = {**file_values, **sets}
-    preset = values.pop("preset", None) or preset
-    values.pop("data", None)
-    values.pop("out", None)
-    if base is None and preset is None:
-        raise ConfigError("no model: give --preset NAME (see `samovar presets`) or preset = ... in --config")
-    model_cfg = base if base is not None else get_preset(preset)
-    model_changes, train_changes = {}, {}
-    for key, value in values.items():
-        if key in MODEL_KEYS:
-            model_changes[key] = parse_field_value(ModelConfig, key, value)
-        elif key in TRAIN_KEYS:
-            train_changes[key] = parse_field_value(TrainConfig, key, value)
-        else:
-            raise ConfigError(f"unknown key {key!r}: not a field of ModelConfig or TrainConfig")
-    if "vocab_size" not in model_changes and data_vocab is not None and base is None:
-        model_changes["vocab_size"] = data_vocab  # the preset's shape, the data's vocabulary
-    return model_cfg.replace(**model_changes), TrainConfig(**train_changes)
+          + (f", {pairs['train']:,} + {pairs['val']:,} {pairs['format']} pairs" if pairs else "") + f" -> {args.out}")
 
 
 def cmd_train(args) -> None:
+    from .checkpoint import resolve_checkpoint
     from .data import TokenData
+    from .recipes import build_configs, parse_sets, read_config_file
     from .train import Trainer
 
     file_values = read_config_file(args.config) if args.config else {}
@@ -162,11 +92,7 @@ def cmd_train(args) -> None:
     if data is None:
         raise ConfigError("no data: give --data DIR (a folder made by `samovar prepare`)")
     vocab = TokenData.open(data).meta.get("vocab_size")
-    base = None
-    if args.init_from:
-        from .checkpoint import resolve_checkpoint
-
-        base = ModelConfig.load(resolve_checkpoint(args.init_from) / "config.json")
+    base = ModelConfig.load(resolve_checkpoint(args.init_from) / "config.json") if args.init_from else None
     model_cfg, train_cfg = build_configs(args.preset, file_values, parse_sets(args.set), vocab, base)
     trainer = Trainer(model_cfg, train_cfg, data, out, resume=bool(args.resume), init_from=args.init_from)
     print(f"model {format_count(trainer.model.num_params())} parameters on {trainer.device} "
@@ -177,7 +103,7 @@ def cmd_train(args) -> None:
           f"best {result['best_val_loss']:.4f}, {result['tokens_seen']:,} tokens in {result['elapsed_s']:.0f}s")
 
 
-# ---- generate ----------------------------------------------------------------------------------------
+# ---- generate, eval, compare -------------------------------------------------------------------------
 def cmd_generate(args) -> None:
     from .api import generate, load
 
@@ -194,7 +120,6 @@ def cmd_generate(args) -> None:
         print(args.prompt + generate(model, tokenizer, args.prompt, **kwargs))
 
 
-# ---- evaluation ---------------------------------------------------------------------------------------
 def load_for_eval(run, args):
     from .api import LLM
 
@@ -205,28 +130,11 @@ def load_for_eval(run, args):
 
 
 def cmd_eval(args) -> None:
-    from .evaluation import evaluate
+    from .evaluation import evaluate, format_result
 
-    llm = load_for_eval(args.run, args)
-    result = evaluate(llm, args.data, task=args.task, max_examples=args.max_examples, max_tokens=args.max_tokens,
-                      with_latency=not args.no_latency, compile=args.compile)
-    if args.json:
-        print(json.dumps(result, ensure_ascii=False, indent=2))
-        return
-    print(f"{args.run} on {args.data} ({result['task']})")
-    if "loss" in result:  # a language model's loss over the whole text (the LSTM baseline has none)
-        print(f"  loss {result['loss']:.4f}   perplexity {result['perplexity']:.2f}   "
-              f"bits per byte {result['bits_per_byte']:.4f}   ({result['tokens']:,} tokens)")
-    if "answer_loss" in result:
-        print(f"  answer loss {result['answer_loss']:.4f}   answer perplexity {result['answer_perplexity']:.2f}   "
-              f"({result['answer_tokens']:,} answer tokens)")
-    if "bleu" in result:
-        print(f"  BLEU {result['bleu']:.2f}   chrF {result['chrf']:.2f}   exact match {result['exact_match']:.1%} "
-              f"({result['examples']} examples)")
-        for s in result["samples"]:
-            print(f"    {s['prompt'].splitlines()[-1]!r} -> {s['answer']!r} (reference {s['reference']!r})")
-    if "ttft_ms" in result:
-        print(f"  time to first token {result['ttft_ms']:.1f} ms   decode {result['decode_tokens_per_s']:.1f} tokens/s")
+    result = evaluate(load_for_eval(args.run, args), args.data, task=args.task, max_examples=args.max_examples,
+                      max_tokens=args.max_tokens, with_latency=not args.no_latency, compile=args.compile)
+    print(json.dumps(result, ensure_ascii=False, indent=2) if args.json else format_result(args.run, args.data, result))
 
 
 def cmd_compare(args) -> None:
@@ -274,135 +182,94 @@ def cmd_plot(args) -> None:
     print(f"wrote {args.out}")
 
 
-# ---- speedrun ------------------------------------------------------------------------------------------
-def process_age() -> float:
-    """Seconds since this process started (interpreter start-up and imports included)."""
-    try:
-        import os
-
-        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-        uptime = float(open("/proc/uptime").read().split()[0])
-        return uptime - ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return time.time() - _IMPORTED_AT
-
-
-_IMPORTED_AT = time.time()
-
-
-def cmd_speedrun(args) -> None:
-    """Train the speedrun recipe on tinyshakespeare and time it to the target whole-split val loss."""
-    from .data import prepare
-    from .train import Trainer
-
-    recipe = read_config_file(args.recipe)
-    corpus = Path(args.data or Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare" /
-                  "input.txt")
-    if not corpus.exists():
-        raise ConfigError(f"corpus {corpus} does not exist; give --data path/to/tinyshakespeare/input.txt")
-    out = Path(args.out)
-    for own in ("data", "run"):  # the previous race's folders (and nothing else under --out)
-        shutil.rmtree(out / own, ignore_errors=True)
-    meta = prepare([corpus], out / "data", tokenizer="char", special_tokens=())  # nanoGPT's split and vocab
-    sets = parse_sets(args.set)
-    sets.update({"full_val_eval": "true", "plot": "false", "device": args.device})
-    sets.setdefault("peak_flops", "0")  # no MFU: measuring the matmul peak would cost 0.3 s of the race
-    if args.seed is not None:
-        sets["seed"] = str(args.seed)
-    model_cfg, train_cfg = build_configs(None, recipe, sets, meta["vocab_size"])
-    if args.budget_seconds is not None:
-        reserve = 2.0  # the final whole-split evaluation and the last checkpoint
-        train_cfg = dataclasses.replace(train_cfg, max_steps=10**9,
-                                        max_seconds=max(1.0, args.budget_seconds - process_age() - reserve))
-    trainer = Trainer(model_cfg, train_cfg, out / "data", out / "run", progress=args.progress)
-    reached = {}
-
-    def on_eval(step: int, losses: dict) -> None:
-        if "time" not in reached and losses["val"] <= args.target_loss:
-            reached.update(time=process_age(), step=step)
-
-    trainer.eval_hook = on_eval
-    result = trainer.train()
-    t = reached.get("time", math.inf)
-    print(f"{args.recipe}: {trainer.model.num_params():,} parameters, {result['step']} steps, "
-          f"{result['tokens_seen']:,} tokens; whole-split val loss {result['val_loss']:.4f} "
-          f"after {process_age():.1f}s" + (f"; reached {args.target_loss} at step {reached['step']}" if reached else ""))
-    print(f"time_to_target_s={t:.1f} final_val_loss={result['val_loss']:.4f}")
-
-
 # ---- import / export ---------------------------------------------------------------------------------
 def cmd_import(args) -> None:
     from .checkpoint import save_checkpoint
-    from .hf import import_hf
+    from .interop.hf import import_hf
 
     model, tokenizer = import_hf(args.folder)
     save_checkpoint(args.out, model, tokenizer)
-    cfg = model.config
-    print(f"imported a {cfg.family} model, {format_count(model.num_params())} parameters"
+    print(f"imported a {model.config.family} model, {format_count(model.num_params())} parameters"
           + ("" if tokenizer else " (no tokenizer.json found: add one before generating)") + f" -> {args.out}")
 
 
 def cmd_export(args) -> None:
     from .api import load
-    from .hf import export_hf
+    from .interop.hf import export_hf
 
     model, tokenizer = load(args.run, device="cpu", dtype="fp32")
     export_hf(model, tokenizer, args.out)
-    print(f"exported {args.run} as a HuggingFace {json.loads((Path(args.out) / 'config.json').read_text())['model_type']}"
-          f" model -> {args.out}")
+    model_type = json.loads((Path(args.out) / "config.json").read_text())["model_type"]
+    print(f"exported {args.run} as a HuggingFace {model_type} model -> {args.out}")
 
 
-# ---- demo --------------------------------------------------------------------------------------------
-# What the speedrun's ablations found (benchmarks/SPEEDRUN.md), applied to the demo's larger model.
-DEMO_RECIPE = dict(position="rope", mlp="relu", qk_norm=True, tie_embeddings=False, zero_init_out=True,
-                   optimizer="muon", muon_lr=0.05, lr=6e-3, warmup_steps=10, schedule="wsd", cooldown_frac=0.5,
-                   min_lr=0.0, weight_decay=0.0)
+# ---- the speedrun and the demo -----------------------------------------------------------------------
+def cmd_speedrun(args) -> None:
+    from .recipes import parse_sets, speedrun
+
+    r = speedrun(args.recipe, args.data, args.budget_seconds, args.target_loss, args.seed, args.out,
+                 parse_sets(args.set), args.device, args.progress)
+    reached = f"; reached {args.target_loss} at step {r['reached_step']}" if r["reached_step"] is not None else ""
+    print(f"{args.recipe}: {r['params']:,} parameters, {r['step']} steps, {r['tokens_seen']:,} tokens; "
+          f"whole-split val loss {r['val_loss']:.4f} after {r['age_s']:.1f}s{reached}")
+    print(f"time_to_target_s={r['time_to_target_s']:.1f} final_val_loss={r['val_loss']:.4f}")
 
 
 def cmd_demo(args) -> None:
-    from .api import generate, load
-    from .data import prepare
-    from .demo import shakespeare_corpus
-    from .train import Trainer
+    from .recipes import demo, parse_sets
 
-    if args.minutes <= 0:
-        raise ConfigError(f"--minutes must be positive, got {args.minutes}")
-    out = Path(args.out)
-    t0 = time.time()
-    plays = shakespeare_corpus()
-    print(f"corpus: {len(list(plays.glob('*.txt')))} plays in {plays}")
-    meta = prepare([plays], out / "data", tokenizer="char")
-    print(f"prepared {meta['train_tokens']:,} train / {meta['val_tokens']:,} val characters "
-          f"({meta['vocab_size']} symbols) in {time.time() - t0:.0f}s")
-    run = out / "run"
-    shutil.rmtree(run, ignore_errors=True)  # the demo's own previous run
-    # the demo's training: the time budget drives the schedule; --set changes anything
-    defaults = dict(batch_size=32, max_steps=10**9, max_seconds=args.minutes * 60, lr=2e-3, warmup_steps=50,
-                    eval_interval=200, eval_steps=10, log_interval=20, device=args.device, keep_last=1)
-    model_cfg, train_cfg = build_configs(args.preset, {**defaults, **DEMO_RECIPE}, parse_sets(args.set),
-                                         meta["vocab_size"])
-    trainer = Trainer(model_cfg, train_cfg, out / "data", run)
-    print(f"training {args.preset} ({format_count(trainer.model.num_params())} parameters) "
-          f"for {args.minutes:g} minutes on {trainer.device} ...")
-    result = trainer.train()
-    print(f"trained {result['step']} steps, val loss {result['val_loss']:.3f}; "
-          f"run folder {run} (try: samovar generate {run} --prompt 'ROMEO.' --stream)\n")
-    model, tokenizer = load(run, device=args.device)
-    print("-" * 72)
-    print(args.prompt + generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens,
-                                 temperature=0.8, top_k=40, seed=0))
-    print("-" * 72)
+    sample = demo(args.minutes, args.preset, args.out, args.prompt, args.max_tokens, parse_sets(args.set), args.device)
+    print("-" * 72 + "\n" + sample + "\n" + "-" * 72)
 
 
-# ---- wiring ------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="samovar", description="Brew your own language model from scratch.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+# ---- options: each a function that adds its arguments to a subcommand's parser ------------------------
+def sets_option(s, what="any ModelConfig or TrainConfig field, e.g. --set n_layer=4 --set lr=3e-4") -> None:
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=what)
 
-    s = sub.add_parser("presets", help="list the model presets with their parameter counts")
-    s.set_defaults(func=cmd_presets)
 
-    s = sub.add_parser("prepare", help="tokenize text files into train.bin / val.bin")
+def device_options(s) -> None:
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    s.add_argument("--dtype", default="auto",
+                   help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16; bf16 is ~100x slower than fp32 "
+                        "on CPUs without native bf16")
+
+
+def decode_options(s) -> None:
+    s.add_argument("--quantize", choices=["int8", "int8wo"], default=None,
+                   help="int8: int8 Linear weights run by FBGEMM (CPU, float32 model), about 2.5x faster decoding "
+                        "of a 51M model with a large vocabulary; int8wo: weight-only int8, for --compile (the "
+                        "fastest decoding; slow without compiling). `samovar eval --quantize KIND` shows the "
+                        "perplexity cost")
+    s.add_argument("--compile", action="store_true",
+                   help="decode through a torch.compile'd one-token step (compiling takes seconds to a minute; "
+                        "the lstm-seq2seq baseline always decodes eagerly)")
+
+
+def sampling_options(s) -> None:
+    s.add_argument("--prompt", default="", help="the text to continue")
+    s.add_argument("--max-tokens", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    s.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+
+
+def eval_options(s) -> None:
+    s.add_argument("--data", required=True, help="a text file or folder (held-out text, QA or dialogues), "
+                                                 "or a prepared data folder (its held-out tail)")
+    s.add_argument("--task", default="auto", choices=["auto", "lm", "qa", "dialogue"],
+                   help="qa and dialogue add BLEU/chrF of generated answers; auto detects the format")
+    s.add_argument("--max-examples", type=int, default=100, help="answers to generate for BLEU/chrF")
+    s.add_argument("--max-tokens", type=int, default=None, help="evaluate the loss on the first N tokens only")
+
+
+def run_argument(s) -> None:
+    s.add_argument("run", help="a run folder or a checkpoint folder")
+
+
+def prepare_arguments(s) -> None:
     s.add_argument("inputs", nargs="+", help="text files, folders of them, or JSONL files")
     s.add_argument("--tokenizer", default="char",
                    help="char, word or bpe (trained on the inputs), or a path to a tokenizer.json")
@@ -413,125 +280,104 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-special-tokens", action="store_true", help="no bos/eos/pad (a pure char vocabulary)")
     s.add_argument("--pairs", choices=["qa", "dialogue"], default=None,
                    help="also write prompt/answer pairs (T:/Q:/A: blocks or '- ' dialogues) for objective=sft")
-    s.set_defaults(func=cmd_prepare)
 
-    s = sub.add_parser("train", help="train a model on prepared data")
+
+def train_arguments(s) -> None:
     s.add_argument("--preset", help="a model preset (see `samovar presets`)")
     s.add_argument("--data", help="a folder made by `samovar prepare`")
     s.add_argument("--out", help="the run folder to write")
-    s.add_argument("--config", help="a TOML or YAML file of settings (preset, data, out, fields)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any ModelConfig or TrainConfig field, e.g. --set n_layer=4 --set lr=3e-4")
+    s.add_argument("--config", help="a TOML or YAML file of settings (preset, data, out, fields), or the name "
+                                    "of a packaged recipe (e.g. shakespeare-char)")
     s.add_argument("--resume", metavar="RUN", help="continue RUN from its latest complete checkpoint")
     s.add_argument("--init-from", metavar="RUN",
                    help="start from the weights and config of RUN (fine-tuning; prepare the data with "
                         "--tokenizer RUN/tokenizer.json)")
-    s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("generate", help="generate text from a trained run")
-    s.add_argument("run", help="a run folder or a checkpoint folder")
-    s.add_argument("--prompt", default="", help="the text to continue")
-    s.add_argument("--max-tokens", type=int, default=256)
-    s.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--top-p", type=float, default=None)
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    s.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
-    _device_options(s)
-    _decode_options(s)
-    s.set_defaults(func=cmd_generate)
 
-    s = sub.add_parser("eval", help="loss, perplexity, bits per byte, BLEU/chrF and latency of a run")
-    s.add_argument("run", help="a run folder or a checkpoint folder")
-    _eval_options(s)
-    s.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    s.add_argument("--json", action="store_true", help="print the results as JSON")
-    _device_options(s)
-    _decode_options(s)
-    s.set_defaults(func=cmd_eval)
-
-    s = sub.add_parser("compare", help="evaluate several runs on the same data: a table and a bar chart")
+def compare_arguments(s) -> None:
     s.add_argument("runs", nargs="+", help="run or checkpoint folders")
-    _eval_options(s)
+    eval_options(s)
     s.add_argument("--out", default="compare.png", help="the bar chart to write")
     s.add_argument("--json", default=None, help="also write the results to this JSON file")
-    _device_options(s)
-    _decode_options(s)
-    s.set_defaults(func=cmd_compare)
 
-    s = sub.add_parser("runs", help="list the runs under a folder with their best val loss, steps and tokens")
+
+def eval_arguments(s) -> None:
+    eval_options(s)
+    s.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    s.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def runs_arguments(s) -> None:
     s.add_argument("folder", nargs="?", default="runs")
-    s.set_defaults(func=cmd_runs)
 
-    s = sub.add_parser("plot", help="draw several runs' loss curves on one chart")
+
+def plot_arguments(s) -> None:
     s.add_argument("runs", nargs="+", help="run folders")
     s.add_argument("--out", default="runs.png", help="the PNG to write")
-    s.set_defaults(func=cmd_plot)
 
-    s = sub.add_parser("import", help="import a local HuggingFace model folder as a samovar checkpoint")
+
+def import_arguments(s) -> None:
     s.add_argument("folder", help="a folder with config.json and model.safetensors (or pytorch_model.bin)")
     s.add_argument("--out", required=True, help="the checkpoint folder to write")
-    s.set_defaults(func=cmd_import)
 
-    s = sub.add_parser("export", help="export a run as a HuggingFace model folder")
-    s.add_argument("run", help="a run folder or a checkpoint folder")
+
+def export_arguments(s) -> None:
     s.add_argument("--format", default="hf", choices=["hf"], help="hf: transformers' from_pretrained layout")
     s.add_argument("--out", required=True, help="the folder to write")
-    s.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("speedrun", help="time a recipe to a whole-split val loss on char-level Shakespeare")
-    s.add_argument("--recipe", default=str(Path(__file__).resolve().parents[2] / "recipes" /
-                                           "speedrun-shakespeare-char.toml"))
-    s.add_argument("--data", help="tinyshakespeare's input.txt (default: ../shared/data/tinyshakespeare)")
+
+def speedrun_arguments(s) -> None:
+    s.add_argument("--recipe", default="speedrun-shakespeare-char", help="a recipe file or packaged recipe name")
+    s.add_argument("--data", help="tinyshakespeare's input.txt (default: ../shared/data/tinyshakespeare/input.txt)")
     s.add_argument("--budget-seconds", type=float, default=None,
                    help="train until this many seconds after start (the schedule follows the clock)")
     s.add_argument("--target-loss", type=float, default=1.88)
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--out", default="runs/speedrun")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
     s.add_argument("--device", default="auto")
     s.add_argument("--progress", action="store_true", help="show the progress bar")
-    s.set_defaults(func=cmd_speedrun)
 
-    s = sub.add_parser("demo", help="download Shakespeare, train a small model, print a sample")
+
+def demo_arguments(s) -> None:
     s.add_argument("--minutes", type=float, default=8.0, help="training budget in minutes")
-    s.add_argument("--preset", default="char-small")
+    s.add_argument("--preset", default=None, help="the model preset (default: the demo recipe's, char-small)")
     s.add_argument("--out", default="runs/demo")
     s.add_argument("--prompt", default="ROMEO.\n")
     s.add_argument("--max-tokens", type=int, default=600)
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="change a model or training setting of the demo")
-    _device_options(s)
-    s.set_defaults(func=cmd_demo)
-    return p
-
-
-def _device_options(s) -> None:
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    s.add_argument("--dtype", default="auto",
-                   help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16; bf16 is ~100x slower than fp32 "
-                        "on CPUs without native bf16")
 
 
-def _eval_options(s) -> None:
-    s.add_argument("--data", required=True, help="a text file or folder (held-out text, QA or dialogues), "
-                                                 "or a prepared data folder (its held-out tail)")
-    s.add_argument("--task", default="auto", choices=["auto", "lm", "qa", "dialogue"],
-                   help="qa and dialogue add BLEU/chrF of generated answers; auto detects the format")
-    s.add_argument("--max-examples", type=int, default=100, help="answers to generate for BLEU/chrF")
-    s.add_argument("--max-tokens", type=int, default=None, help="evaluate the loss on the first N tokens only")
+# name, function, help, options
+COMMANDS = [
+    ("presets", cmd_presets, "list the model presets with their parameter counts", ()),
+    ("prepare", cmd_prepare, "tokenize text files into train.bin / val.bin", (prepare_arguments,)),
+    ("train", cmd_train, "train a model on prepared data", (train_arguments, sets_option)),
+    ("generate", cmd_generate, "generate text from a trained run (prints the prompt, then its continuation)",
+     (run_argument, sampling_options, device_options, decode_options)),
+    ("eval", cmd_eval, "loss, perplexity, bits per byte, BLEU/chrF and latency of a run",
+     (run_argument, eval_arguments, device_options, decode_options)),
+    ("compare", cmd_compare, "evaluate several runs on the same data: a table and a bar chart",
+     (compare_arguments, device_options, decode_options)),
+    ("runs", cmd_runs, "list the runs under a folder with their best val loss, steps and tokens", (runs_arguments,)),
+    ("plot", cmd_plot, "draw several runs' loss curves on one chart", (plot_arguments,)),
+    ("import", cmd_import, "import a local HuggingFace model folder as a samovar checkpoint", (import_arguments,)),
+    ("export", cmd_export, "export a run as a HuggingFace model folder", (run_argument, export_arguments)),
+    ("speedrun", cmd_speedrun, "time a recipe to a whole-split val loss on char-level Shakespeare",
+     (speedrun_arguments, lambda s: sets_option(s, "override a recipe field"))),
+    ("demo", cmd_demo, "download Shakespeare, train a small model, print a sample",
+     (demo_arguments, lambda s: sets_option(s, "change a model or training setting of the demo"))),
+]
 
 
-def _decode_options(s) -> None:
-    s.add_argument("--quantize", choices=["int8", "int8wo"], default=None,
-                   help="int8: int8 Linear weights run by FBGEMM (CPU, float32 model), about 2.5x faster decoding "
-                        "of a 51M model with a large vocabulary; int8wo: weight-only int8, for --compile (the "
-                        "fastest decoding; slow without compiling). `samovar eval --quantize KIND` shows the "
-                        "perplexity cost")
-    s.add_argument("--compile", action="store_true",
-                   help="decode through a torch.compile'd one-token step (compiling takes seconds to a minute; "
-                        "the lstm-seq2seq baseline always decodes eagerly)")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="samovar", description="Brew your own language model from scratch.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, func, help, options in COMMANDS:
+        s = sub.add_parser(name, help=help)
+        for add in options:
+            add(s)
+        s.set_defaults(func=func)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:

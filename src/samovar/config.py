@@ -8,26 +8,38 @@ published configuration it copies, so its shape can be checked against the origi
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
 import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-NORMS = ("layernorm", "rmsnorm")
-POSITIONS = ("learned", "rope", "none")
-MLPS = ("gelu", "relu", "relu2", "swiglu", "geglu")  # swiglu and geglu are gated: three matrices
-GELU_APPROX = ("none", "tanh")
-NORM_PLACEMENTS = ("pre", "post")
-ARCHS = ("transformer", "lstm-seq2seq")  # lstm-seq2seq: the LSTM encoder-decoder baseline (lstm.py)
-ATTENTIONS = ("mha", "mla")  # mha covers multi-head, grouped-query and multi-query attention
-ROUTERS = ("softmax", "sigmoid")
+Norm = Literal["layernorm", "rmsnorm"]
+NormPlacement = Literal["pre", "post"]  # post: GPT-1's x = norm(x + f(x)), and no final norm
+Position = Literal["learned", "rope", "none"]
+Mlp = Literal["gelu", "relu", "relu2", "swiglu", "geglu"]  # swiglu and geglu are gated: three matrices
+GeluApprox = Literal["none", "tanh"]
+Arch = Literal["transformer", "lstm-seq2seq"]  # lstm-seq2seq: the LSTM encoder-decoder baseline (lstm.py)
+Attention = Literal["mha", "mla"]  # mha covers multi-head, grouped-query and multi-query attention
+Router = Literal["softmax", "sigmoid"]
+# the HuggingFace model types `samovar export` writes (interop/hf_families.py)
+HFModelType = Literal["openai-gpt", "gpt2", "llama", "mistral", "mixtral", "gemma", "qwen3", "deepseek_v3"]
 # rope_scaling: {"type": ..., and that type's keys}
 ROPE_SCALING_KEYS = {
     "linear": {"factor"},
     "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_context_len"},
     "yarn": {"factor", "original_context_len", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
              "attention_factor"},
+}
+# A size left as None follows from the others, resolved once in __post_init__ (in this order):
+DERIVED_SIZES = {
+    "n_kv_head": lambda c: c.n_head,  # multi-head attention
+    "head_dim": lambda c: c.n_embd // c.n_head,
+    "d_ff": lambda c: 4 * c.n_embd,
+    "expert_d_ff": lambda c: c.d_ff,
 }
 
 
@@ -38,8 +50,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "custom"
-    family: str = "custom"  # shown by `samovar presets`; never used to choose behaviour
-    arch: str = "transformer"
+    family: str = "custom"  # a label shown by `samovar presets`; never used to choose behaviour
+    arch: Arch = "transformer"
     vocab_size: int = 256
     context_len: int = 256
     n_layer: int = 4
@@ -49,18 +61,18 @@ class ModelConfig:
     head_dim: int | None = None  # None: n_embd // n_head
     d_ff: int | None = None  # None: 4 * n_embd
     # normalisation
-    norm: str = "layernorm"
+    norm: Norm = "layernorm"
     norm_eps: float = 1e-5
     norm_bias: bool = True  # LayerNorm only
     norm_unit_offset: bool = False  # Gemma: scale by (1 + weight), weight initialised at 0
-    norm_placement: str = "pre"  # "post": GPT-1's x = norm(x + f(x)), and no final norm
+    norm_placement: NormPlacement = "pre"
     qk_norm: bool = False  # RMSNorm over each head of q and k (Qwen3)
     # positions
-    position: str = "learned"
+    position: Position = "learned"
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # e.g. {"type": "llama3", "factor": 32.0, ...}; see ROPE_SCALING_KEYS
     # attention
-    attention: str = "mha"
+    attention: Attention = "mha"
     attn_bias: bool = False  # biases of the q, k, v projections
     attn_out_bias: bool = False  # bias of the output projection
     sliding_window: int | None = None  # attend to at most this many most recent positions
@@ -72,8 +84,8 @@ class ModelConfig:
     v_head_dim: int = 128
     latent_norm_eps: float = 1e-6
     # feed-forward
-    mlp: str = "gelu"
-    gelu_approx: str = "none"
+    mlp: Mlp = "gelu"
+    gelu_approx: GeluApprox = "none"
     mlp_bias: bool = False
     # mixture of experts (n_expert > 0): every layer from n_dense_layers on routes each token to
     # n_expert_active of n_expert gated MLPs of width expert_d_ff, plus n_shared_expert always-on ones
@@ -82,7 +94,7 @@ class ModelConfig:
     n_shared_expert: int = 0
     expert_d_ff: int | None = None  # None: d_ff
     n_dense_layers: int = 0
-    router: str = "softmax"  # softmax: Mixtral; sigmoid: DeepSeek-V3 (scores + balancing bias, groups)
+    router: Router = "softmax"  # softmax: Mixtral; sigmoid: DeepSeek-V3 (scores + balancing bias, groups)
     router_norm_topk: bool = True  # renormalise the chosen experts' weights to sum to 1
     routed_scale: float = 1.0
     n_expert_group: int = 1  # sigmoid router: experts come from the n_expert_group_active best groups
@@ -96,57 +108,42 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     zero_init_out: bool = False  # start the projections that write into the residual stream at zero
+    # interop
+    export_as: HFModelType | None = None  # the HF class `samovar export` writes (import sets it);
+    # None: the first HF family that expresses the model exactly
 
     def __post_init__(self):
-        self.validate()
-
-    # ---- derived sizes -------------------------------------------------------------------------
-    @property
-    def kv_heads(self) -> int:
-        return self.n_head if self.n_kv_head is None else self.n_kv_head
-
-    @property
-    def head_size(self) -> int:
-        return self.n_embd // self.n_head if self.head_dim is None else self.head_dim
-
-    @property
-    def ff_size(self) -> int:
-        return 4 * self.n_embd if self.d_ff is None else self.d_ff
-
-    @property
-    def expert_ff_size(self) -> int:
-        return self.ff_size if self.expert_d_ff is None else self.expert_d_ff
-
-    @property
-    def rope_dim(self) -> int:
-        """How many dimensions of each query/key head are rotated."""
-        return self.qk_rope_head_dim if self.attention == "mla" else self.head_size
-
-    @property
-    def cache_shape(self) -> tuple[int, int, int]:
-        """(heads, key size, value size) of one position in the KV cache."""
-        if self.attention == "mla":
-            return self.n_head, self.qk_nope_head_dim + self.qk_rope_head_dim, self.v_head_dim
-        return self.kv_heads, self.head_size, self.head_size
-
-    def is_moe_layer(self, layer: int) -> bool:
-        return self.n_expert > 0 and layer >= self.n_dense_layers
-
-    def validate(self) -> None:
-        for name, allowed in (("norm", NORMS), ("position", POSITIONS), ("mlp", MLPS),
-                              ("gelu_approx", GELU_APPROX), ("norm_placement", NORM_PLACEMENTS),
-                              ("attention", ATTENTIONS), ("router", ROUTERS), ("arch", ARCHS)):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+        check_choices(self)
         for name in ("vocab_size", "context_len", "n_layer", "n_head", "n_embd"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.head_dim is None and self.n_embd % self.n_head:
             raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                               "set head_dim to use heads of another size")
-        if self.kv_heads < 1 or self.n_head % self.kv_heads:
-            raise ConfigError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.kv_heads}")
+        self._derived = tuple(name for name in DERIVED_SIZES if getattr(self, name) is None)
+        for name in self._derived:
+            setattr(self, name, DERIVED_SIZES[name](self))
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def rope_dim(self) -> int:
+        """How many dimensions of each query/key head are rotated."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    @property
+    def cache_shape(self) -> tuple[int, int, int]:
+        """(heads, key size, value size) of one position in the KV cache."""
+        if self.attention == "mla":
+            return self.n_head, self.qk_nope_head_dim + self.qk_rope_head_dim, self.v_head_dim
+        return self.n_kv_head, self.head_dim, self.head_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.n_expert > 0 and layer >= self.n_dense_layers
+
+    def validate(self) -> None:
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise ConfigError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if self.position == "rope" and self.rope_dim % 2:
             raise ConfigError(f"rotary positions need an even head size, got {self.rope_dim}")
         if self.rope_scaling is not None:
@@ -173,7 +170,11 @@ class ModelConfig:
 
     # ---- JSON round trip -----------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as given: a size that was derived is written as None, so it follows its inputs
+        again when the config is loaded or replaced."""
+        d = dataclasses.asdict(self)
+        d.update({name: None for name in self._derived})
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -192,42 +193,40 @@ class ModelConfig:
             raise ConfigError(f"cannot read model config {path}: {e}") from None
 
     def replace(self, **changes) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
-
-    # ---- sizes ---------------------------------------------------------------------------------
-    def num_params(self) -> int:
-        """Parameter count, computed from the shapes alone (no tensors are allocated)."""
-        d, h, kv, hd = self.n_embd, self.n_head, self.kv_heads, self.head_size
-        if self.arch == "lstm-seq2seq":  # embedding, 2 x n_layer LSTM layers (4 gates, 2 biases), head
-            return self.vocab_size * d * (1 if self.tie_embeddings else 2) + 2 * self.n_layer * 4 * (2 * d * d + 2 * d)
-        norm = d * (2 if self.norm == "layernorm" and self.norm_bias else 1)
-        if self.attention == "mla":
-            qk, r = self.qk_nope_head_dim + self.qk_rope_head_dim, self.kv_lora_rank
-            q = d * h * qk if self.q_lora_rank is None else \
-                d * self.q_lora_rank + self.q_lora_rank * (1 + self.attn_bias) + self.q_lora_rank * h * qk
-            attn = q + d * (r + self.qk_rope_head_dim) + r + r * h * (self.qk_nope_head_dim + self.v_head_dim)
-            attn += (r + self.qk_rope_head_dim) * self.attn_bias + h * self.v_head_dim * d
-            attn += d * self.attn_out_bias
-        else:
-            attn = d * h * hd + 2 * d * kv * hd + h * hd * d
-            attn += (h * hd + 2 * kv * hd) * self.attn_bias + d * self.attn_out_bias
-            attn += 2 * hd * self.qk_norm
-        gated = self.mlp in ("swiglu", "geglu")
-
-        def mlp(f: int) -> int:
-            return (3 if gated else 2) * d * f + (((2 if gated else 1) * f + d) if self.mlp_bias else 0)
-
-        moe = self.n_expert * (mlp(self.expert_ff_size) + d) + self.n_shared_expert * mlp(self.expert_ff_size)
-        n_moe = sum(self.is_moe_layer(i) for i in range(self.n_layer))
-        n = self.n_layer * (attn + 2 * norm) + (self.n_layer - n_moe) * mlp(self.ff_size) + n_moe * moe
-        n += self.vocab_size * d
-        n += 0 if self.tie_embeddings else self.vocab_size * d
-        n += self.context_len * d if self.position == "learned" else 0
-        n += norm if self.norm_placement == "pre" else 0  # the final norm
-        return n
+        """A copy with `changes`; sizes that were derived follow the changed fields (a wider n_embd
+        widens d_ff too, unless d_ff was given)."""
+        return ModelConfig(**{**self.to_dict(), **changes})
 
 
 # ---- field parsing shared by --set, config files and the CLI ---------------------------------------
+@functools.cache
+def field_types(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def choices(hint) -> tuple | None:
+    """The allowed values of a Literal type (optional or not); None for any other type."""
+    for t in (hint, *typing.get_args(hint)):
+        if typing.get_origin(t) is Literal:
+            return typing.get_args(t)
+    return None
+
+
+def check_choices(obj, message=lambda name, value, allowed: f"{name}={value!r} is not one of "
+                                                             f"{', '.join(allowed)}") -> None:
+    """Refuse a value outside its field's Literal type, on one line."""
+    for name, hint in field_types(type(obj)).items():
+        allowed, value = choices(hint), getattr(obj, name)
+        if allowed and value is not None and value not in allowed:
+            raise ConfigError(message(name, value, allowed))
+
+
+def unknown_key(key: str, known) -> ConfigError:
+    """An unknown field, with the nearest known one suggested (a typo is the usual cause)."""
+    near = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return ConfigError(f"unknown key {key!r}" + (f": did you mean {near[0]}?" if near else ""))
+
+
 def from_known_fields(cls, d: dict):
     """cls(**d), refusing keys that are not fields of the dataclass `cls` (typos) by name."""
     unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
@@ -238,17 +237,22 @@ def from_known_fields(cls, d: dict):
 
 def parse_field_value(cls, key: str, value):
     """Convert `value` (a string from the command line, or a TOML/YAML value) to field `key`'s type."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if key not in fields:
-        raise ConfigError(f"unknown key {key!r}")
-    hint = typing.get_type_hints(cls)[key]
+    hints = field_types(cls)
+    if key not in hints:
+        raise unknown_key(key, hints)
+    hint = hints[key]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     optional = type(None) in typing.get_args(hint)
-    target = args[0] if args else hint
+    target = args[0] if args and typing.get_origin(hint) is not Literal else hint
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
         if not optional:
             raise ConfigError(f"{key} cannot be empty")
         return None
+    allowed = choices(hint)
+    if allowed is not None:
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+        return value
     try:
         if target is bool:
             if isinstance(value, bool):
@@ -382,7 +386,7 @@ PRESETS: dict[str, ModelConfig] = {
 def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
-    return dataclasses.replace(PRESETS[name])
+    return PRESETS[name].replace()
 
 
 def format_count(n: int) -> str:

@@ -152,7 +152,7 @@ def evaluate(llm, data: str | Path, task: str = "auto", max_examples: int = 100,
     task = detect_task(text) if task == "auto" else task
     if task not in ("lm", "qa", "dialogue"):
         raise DataError(f"unknown task {task!r}; use auto, lm, qa or dialogue")
-    seq2seq = llm.model.config.arch == "lstm-seq2seq"
+    seq2seq = llm.model.answers_only
     if seq2seq and task == "lm":
         raise DataError("the lstm-seq2seq baseline answers prompts: evaluate it on qa or dialogue data")
     result = {"data": str(data), "task": task}
@@ -173,6 +173,26 @@ def evaluate(llm, data: str | Path, task: str = "auto", max_examples: int = 100,
     if with_latency:
         result.update(latency(llm.model, compile=compile))
     return result
+
+
+def format_result(run, data, result: dict) -> str:
+    """evaluate()'s result as the lines `samovar eval` prints."""
+    lines = [f"{run} on {data} ({result['task']})"]
+    if "loss" in result:  # a language model's loss over the whole text (the LSTM baseline has none)
+        lines.append(f"  loss {result['loss']:.4f}   perplexity {result['perplexity']:.2f}   "
+                     f"bits per byte {result['bits_per_byte']:.4f}   ({result['tokens']:,} tokens)")
+    if "answer_loss" in result:
+        lines.append(f"  answer loss {result['answer_loss']:.4f}   answer perplexity "
+                     f"{result['answer_perplexity']:.2f}   ({result['answer_tokens']:,} answer tokens)")
+    if "bleu" in result:
+        lines.append(f"  BLEU {result['bleu']:.2f}   chrF {result['chrf']:.2f}   exact match "
+                     f"{result['exact_match']:.1%} ({result['examples']} examples)")
+        for s in result["samples"]:
+            lines.append(f"    {s['prompt'].splitlines()[-1]!r} -> {s['answer']!r} (reference {s['reference']!r})")
+    if "ttft_ms" in result:
+        lines.append(f"  time to first token {result['ttft_ms']:.1f} ms   decode "
+                     f"{result['decode_tokens_per_s']:.1f} tokens/s")
+    return "\n".join(lines)
 
 
 COMPARE_METRICS = [("perplexity", "perplexity", "{:.2f}"), ("bits_per_byte", "bits/byte", "{:.4f}"),
@@ -203,26 +223,8 @@ def short_names(paths: list[str]) -> list[str]:
 
 
 def compare_chart(rows: list[dict], out: str | Path) -> None:
-    """One bar chart a metric, one bar a run; written atomically as PNG."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .checkpoint import atomic_write_bytes
+    """One bar chart a metric that every run has, one bar a run; written atomically as PNG."""
+    from .plots import bar_charts
 
     present = [(k, h) for k, h, _ in COMPARE_METRICS if all(k in r for r in rows)]
-    fig, axes = plt.subplots(1, len(present), figsize=(3.2 * len(present), 3.6), squeeze=False)
-    names = short_names([r["run"] for r in rows])
-    for ax, (key, title) in zip(axes[0], present):
-        ax.bar(range(len(rows)), [r[key] for r in rows], color=[f"C{i}" for i in range(len(rows))])
-        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
-        ax.set_title(title)
-        ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(out, buf.getvalue())
+    bar_charts(short_names([r["run"] for r in rows]), present, rows, out)

@@ -1,8 +1,7 @@
-"""The parts a Transformer is assembled from: norms, positions, attention, feed-forward, KV cache, and
-the loss over its head.
+"""The parts a Transformer is assembled from: norms, positions, attention, feed-forward, experts.
 
-Each part is small and named after what it computes; `ModelConfig` picks among them through the
-registries at the bottom (`NORMS`, `MLPS`). Shapes use B (batch), T (new positions), S (positions
+Each part is small and named after what it computes; the typed fields of `ModelConfig` pick among
+them in the `make_*` functions (`make_norm`, `make_attention`, `make_mlp`). Shapes use B (batch), T (new positions), S (positions
 attended to), H (query heads), K (key/value heads), D (head size), C (model width).
 
 References: Vaswani et al. 2017 (attention), Zhang & Sennrich 2019 (RMSNorm), Su et al. 2021 (RoPE),
@@ -18,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .kv_cache import KVCache
 
 
 # ---- normalisation ---------------------------------------------------------------------------------
@@ -135,56 +135,6 @@ def apply_rotary(x, cos, sin):
     return (x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin).type_as(x)
 
 
-# ---- KV cache ----------------------------------------------------------------------------------------
-class KVCache:
-    """Keys and values of every layer, preallocated for `batch_size` sequences of up to `max_len`.
-
-    Passed into `Transformer.forward`, never stored on the model. `pos` is the number of positions
-    already written; the model advances it after the last layer of each forward pass.
-
-    A static cache (for a compiled decoding step) keeps every shape fixed: `pos` is a tensor, new
-    keys and values are written with index_copy_, and attention sees the whole buffer, the positions
-    not yet written masked out. One graph then serves every position.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None,
-                 static: bool = False):
-        heads, k_dim, v_dim = cfg.cache_shape
-        # one buffer per layer (B, K, max_len, D): a compiled step then updates each in place
-        self.k = [torch.zeros((batch_size, heads, max_len, k_dim), device=device, dtype=dtype)
-                  for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros((batch_size, heads, max_len, v_dim), device=device, dtype=dtype)
-                  for _ in range(cfg.n_layer)]
-        self.max_len = max_len
-        self.static = static
-        self.pos = torch.zeros((), dtype=torch.long, device=device) if static else 0
-
-    def update(self, layer: int, k, v):
-        """Write k, v (B, K, T, D) at positions [pos, pos + T) and return the keys and values attention
-        sees: those so far, or (static) the whole buffer."""
-        T = k.size(2)
-        if self.static:  # the caller keeps pos + T <= max_len (index_copy_ checks it in eager mode)
-            positions = self.pos + torch.arange(T, device=k.device)
-            self.k[layer].index_copy_(2, positions, k)
-            self.v[layer].index_copy_(2, positions, v)
-            return self.k[layer], self.v[layer]
-        end = self.pos + T
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} positions > max_len={self.max_len}")
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def advance(self, T: int):
-        self.pos += T  # in place for a static cache's tensor
-
-    def reset(self):
-        if self.static:
-            self.pos.zero_()  # the same tensor: a compiled step keeps reading it
-        else:
-            self.pos = 0
-
-
 # ---- attention -------------------------------------------------------------------------------------
 class Attention(nn.Module):
     """Causal self-attention with H query heads sharing K key/value heads (MHA: K=H, MQA: K=1)."""
@@ -192,10 +142,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_size
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.sliding_window = cfg.sliding_window
         self.dropout = cfg.dropout
-        self.scale = softmax_scale(cfg, cfg.head_size)
+        self.scale = softmax_scale(cfg, cfg.head_dim)
         C, H, K, D = cfg.n_embd, self.n_head, self.n_kv_head, self.head_dim
         self.q_proj = nn.Linear(C, H * D, bias=cfg.attn_bias)
         self.k_proj = nn.Linear(C, K * D, bias=cfg.attn_bias)
@@ -265,7 +215,8 @@ class LatentAttention(nn.Module):
         self.rank = cfg.kv_lora_rank
         self.scale = softmax_scale(cfg, self.nope + self.rope)
         C, H, QK = cfg.n_embd, cfg.n_head, self.nope + self.rope
-        if cfg.q_lora_rank is None:
+        self.q_low_rank = cfg.q_lora_rank is not None
+        if not self.q_low_rank:
             self.q_proj = nn.Linear(C, H * QK, bias=False)
         else:  # queries through their own low-rank bottleneck
             self.q_down = nn.Linear(C, cfg.q_lora_rank, bias=cfg.attn_bias)
@@ -280,7 +231,7 @@ class LatentAttention(nn.Module):
     def forward(self, x, rope=None, kv_cache: KVCache | None = None):
         B, T, _ = x.shape
         H = self.n_head
-        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_up(self.q_norm(self.q_down(x)))
+        q = self.q_up(self.q_norm(self.q_down(x))) if self.q_low_rank else self.q_proj(x)
         q = q.view(B, T, H, self.nope + self.rope).transpose(1, 2)  # (B, H, T, nope + rope)
         q_nope, q_rot = q.split([self.nope, self.rope], dim=-1)
         latent, k_rot = self.kv_down(x).split([self.rank, self.rope], dim=-1)  # (B, T, rank), (B, T, rope)
@@ -379,28 +330,41 @@ class Router(nn.Module):
         return logits, weights * cfg.routed_scale, experts
 
 
+class RouterStats:
+    """What the routers of one forward pass decided, collected for whoever asks (passed into the
+    forward pass as the KV cache is, never kept on a module): each MoE layer's router logits (N, E),
+    for the load-balancing loss, and tokens per expert (E,), for the usage statistics."""
+
+    def __init__(self):
+        self.router_logits: list[torch.Tensor] = []
+        self.expert_load: list[torch.Tensor] = []
+
+    def balance(self) -> float | None:
+        """The busiest expert's share of the routing slots over the mean share, averaged over MoE
+        layers: 1.0 is perfectly balanced, n_expert means collapse; None without MoE layers."""
+        if not self.expert_load:
+            return None
+        ratios = [(load.max() / load.float().mean()).item() for load in self.expert_load]
+        return round(sum(ratios) / len(ratios), 3)
+
+
 class MoE(nn.Module):
     """Sparse mixture of gated-MLP experts with dropless dispatch: every token goes to its chosen
-    experts, whose outputs are summed with the router's weights; shared experts see every token.
-
-    After each forward pass `router_logits` (N, E) and `expert_load` (E,) (tokens per expert) are
-    kept for the load-balancing loss and the usage statistics.
-    """
+    experts, whose outputs are summed with the router's weights; shared experts see every token."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.router = Router(cfg)
-        self.experts = nn.ModuleList(GatedMLP(cfg, cfg.expert_ff_size) for _ in range(cfg.n_expert))
-        self.shared = GatedMLP(cfg, cfg.expert_ff_size * cfg.n_shared_expert) if cfg.n_shared_expert else None
-        self.router_logits = None
-        self.expert_load = None
+        self.experts = nn.ModuleList(GatedMLP(cfg, cfg.expert_d_ff) for _ in range(cfg.n_expert))
+        self.shared = GatedMLP(cfg, cfg.expert_d_ff * cfg.n_shared_expert) if cfg.n_shared_expert else None
 
-    def forward(self, x):
+    def forward(self, x, stats: RouterStats | None = None):
         B, T, C = x.shape
         flat = x.reshape(-1, C)  # (N, C)
         logits, weights, chosen = self.router(flat)  # (N, E), (N, k), (N, k)
-        self.router_logits = logits
-        self.expert_load = torch.bincount(chosen.flatten(), minlength=len(self.experts))
+        if stats is not None:
+            stats.router_logits.append(logits)
+            stats.expert_load.append(torch.bincount(chosen.flatten(), minlength=len(self.experts)))
         y = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             token, slot = (chosen == e).nonzero(as_tuple=True)
@@ -421,75 +385,10 @@ def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.
     return probs.size(-1) * (slots.mean(dim=0) * probs.mean(dim=0)).sum()
 
 
-# ---- the loss -----------------------------------------------------------------------------------------
-def head_cross_entropy(x, head: nn.Module, targets, softcap: float | None = None) -> torch.Tensor:
-    """Mean cross-entropy of the logits head(x) (soft-capped if asked) against targets, skipping
-    targets of -100: F.cross_entropy(head(x), targets) without ever holding all (N, V) logits.
-    x (N, C), head: the output Linear (or a quantized one, for inference), targets (N,). Rows go
-    through in chunks of about 4 MB of logits; when gradients are wanted, each chunk's are computed
-    right away (the logits' gradient is softmax - one-hot), so the backward pass only scales them
-    (as Liger-Kernel's fused linear cross-entropy does). Full logits and their gradient would be
-    2 x 34 MB for a batch of 8 x 256 and a 4,096-token vocabulary, 2 x 1.6 GB for 8 x 1024 and
-    GPT-2's 50,257."""
-    if isinstance(head, nn.Linear) and torch.is_grad_enabled() and (x.requires_grad or head.weight.requires_grad):
-        return _HeadCrossEntropy.apply(x, head.weight, targets, softcap)
-    return _chunked_head_cross_entropy(x, head, head.out_features, targets, softcap)[0]
-
-
-class _HeadCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, targets, softcap):
-        loss, grad_x, grad_weight = _chunked_head_cross_entropy(
-            x, lambda rows: rows @ weight.t(), weight.size(0), targets, softcap, weight=weight)
-        ctx.save_for_backward(grad_x, grad_weight)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_x, grad_weight = ctx.saved_tensors
-        return grad_x * grad_loss, grad_weight * grad_loss, None, None
-
-
-def _chunked_head_cross_entropy(x, logits_of, vocab_size: int, targets, softcap, weight=None):
-    """(loss, grad_x, grad_weight): the loss over logits_of(rows), a chunk of rows at a time, and,
-    given the head's weight, the gradients (else None)."""
-    rows = max(128, 2**20 // vocab_size)  # fewer rows starve the matrix products
-    valid = targets != -100
-    n_valid = valid.sum().clamp(min=1)
-    loss = torch.zeros((), dtype=torch.float32, device=x.device)
-    grad_x = []
-    grad_weight = None if weight is None else torch.zeros_like(weight, dtype=torch.float32)
-    for start in range(0, x.size(0), rows):
-        xs, ts, vs = x[start:start + rows], targets[start:start + rows], valid[start:start + rows]
-        z = logits_of(xs).float()  # (rows, V)
-        if softcap is not None:
-            capped = torch.tanh(z / softcap)
-            z = softcap * capped
-        lse = torch.logsumexp(z, dim=-1)
-        target = ts.clamp(min=0).unsqueeze(1)  # -100 rows pick any logit; vs zeroes them
-        loss = loss + ((lse - z.gather(1, target).squeeze(1)) * vs).sum()
-        if weight is None:
-            continue
-        g = (z - lse.unsqueeze(1)).exp_()  # softmax
-        g.scatter_add_(1, target, torch.full_like(target, -1, dtype=g.dtype))  # minus the one-hot target
-        g = g * (vs / n_valid).unsqueeze(1)
-        if softcap is not None:
-            g = g * (1 - capped * capped)
-        g = g.to(x.dtype)
-        grad_x.append(g @ weight)
-        if grad_weight.dtype == g.dtype == xs.dtype:
-            grad_weight.addmm_(g.t(), xs)
-        else:  # lower-precision products (bf16, autocast), summed in float32
-            grad_weight += g.t() @ xs
-    if weight is None:
-        return loss / n_valid, None, None
-    return loss / n_valid, torch.cat(grad_x).to(x.dtype), grad_weight.to(weight.dtype)
-
-
 def make_mlp(cfg: ModelConfig, layer: int) -> nn.Module:
     if cfg.is_moe_layer(layer):
         return MoE(cfg)
-    return MLPS[cfg.mlp](cfg, cfg.ff_size)
+    return MLPS[cfg.mlp](cfg, cfg.d_ff)
 
 
 def init_std_for_residual(cfg: ModelConfig) -> float:

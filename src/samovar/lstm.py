@@ -23,6 +23,8 @@ from .config import ModelConfig
 
 
 class Seq2SeqLSTM(nn.Module):
+    answers_only = True  # reads a prompt, writes an answer: no loss over whole texts (the Transformer's is False)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -36,7 +38,6 @@ class Seq2SeqLSTM(nn.Module):
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.activation_checkpointing = False  # (a Transformer option; nothing to checkpoint here)
         with torch.no_grad():
             nn.init.normal_(self.tok_emb.weight, std=cfg.init_std)
             if not cfg.tie_embeddings:
@@ -53,9 +54,10 @@ class Seq2SeqLSTM(nn.Module):
         out, state = self.decoder(self.dropout(self.tok_emb(dec_in)), state)
         return self.lm_head(self.dropout(out)), state
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_mask=None):
+    def forward(self, idx, targets=None, kv_cache=None, loss_mask=None, router_stats=None):
         """Answer logits, or (with targets) the mean cross-entropy over the answer tokens.
-        Rows are split where loss_mask begins (see the module docstring)."""
+        Rows are split where loss_mask begins (see the module docstring). (The Transformer's
+        signature: this model keeps no KV cache and has no routers.)"""
         if loss_mask is None:
             raise ValueError("the LSTM encoder-decoder trains on prompt/answer pairs: it needs a loss_mask "
                              "(prepare the data with --pairs qa or dialogue and train with objective=sft)")
@@ -90,12 +92,9 @@ class Seq2SeqLSTM(nn.Module):
                 return
             yield token
 
-    # the Trainer's bookkeeping, as for the Transformer
+    # the sizes the Trainer reports, as for the Transformer
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self) -> float:
         return 6.0 * self.num_params()
-
-    def moe_layers(self) -> list:
-        return []

@@ -12,11 +12,13 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 
 from .config import ModelConfig
-from .layers import (KVCache, LayerNorm, MoE, RMSNorm, Rotary, Router, head_cross_entropy,
-                     init_std_for_residual, load_balancing_loss, make_attention, make_mlp, make_norm)
+from .kv_cache import KVCache
+from .layers import (MLP, Attention, GatedMLP, LatentAttention, LayerNorm, MoE, RMSNorm, Rotary, Router,
+                     RouterStats, init_std_for_residual, load_balancing_loss, make_attention, make_mlp, make_norm)
+from .loss import head_cross_entropy
+from .lstm import Seq2SeqLSTM
 
 
 class Block(nn.Module):
@@ -27,18 +29,27 @@ class Block(nn.Module):
         self.attn = make_attention(cfg, layer)
         self.mlp_norm = make_norm(cfg)
         self.mlp = make_mlp(cfg, layer)  # an MLP, or a mixture of experts
+        self.routed = isinstance(self.mlp, MoE)
 
-    def forward(self, x, rope=None, kv_cache=None):
+    def forward(self, x, rope=None, kv_cache=None, router_stats=None):
         if self.pre_norm:
             x = x + self.attn(self.attn_norm(x), rope, kv_cache)
-            x = x + self.mlp(self.mlp_norm(x))
+            x = x + self.feed_forward(self.mlp_norm(x), router_stats)
         else:
             x = self.attn_norm(x + self.attn(x, rope, kv_cache))
-            x = self.mlp_norm(x + self.mlp(x))
+            x = self.mlp_norm(x + self.feed_forward(x, router_stats))
         return x
+
+    def feed_forward(self, x, router_stats):
+        return self.mlp(x, router_stats) if self.routed else self.mlp(x)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
 
 
 class Transformer(nn.Module):
+    answers_only = False  # a language model: a loss over any text (the LSTM baseline's is True)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -52,14 +63,19 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.activation_checkpointing = False  # a training option, set by the Trainer
-        self.reset_parameters()
+        if not self.tok_emb.weight.is_meta:  # (on the meta device there are no values to set)
+            self.reset_parameters()
 
-    def forward(self, idx, targets=None, kv_cache: KVCache | None = None, loss_mask=None):
+    def forward(self, idx, targets=None, kv_cache: KVCache | None = None, loss_mask=None,
+                router_stats: RouterStats | None = None):
         """Logits (B, T, vocab_size); or, when targets (B, T) are given, the mean cross-entropy loss
         over the positions where loss_mask (B, T) is true (all positions when it is None), plus
-        aux_loss_coef times the experts' load-balancing loss in a mixture-of-experts model."""
+        aux_loss_coef times the experts' load-balancing loss in a mixture-of-experts model.
+        router_stats (a fresh RouterStats) collects what each MoE layer's router decided in this pass."""
         B, T = idx.shape
+        balance = targets is not None and self.config.n_expert > 0 and self.config.aux_loss_coef > 0
+        if balance and router_stats is None:
+            router_stats = RouterStats()  # the load-balancing loss needs this pass's routing
         start = 0 if kv_cache is None else kv_cache.pos  # an int, or a tensor in a static cache
         if isinstance(start, int) and start + T > self.config.context_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds context_len={self.config.context_len}")
@@ -72,10 +88,7 @@ class Transformer(nn.Module):
         x = self.emb_dropout(x)
         rope = self.rotary(positions) if self.rotary is not None else None
         for block in self.blocks:
-            if self.activation_checkpointing and self.training:  # recompute in backward, save memory
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, kv_cache, use_reentrant=False)
-            else:
-                x = block(x, rope, kv_cache)
+            x = block(x, rope, kv_cache, router_stats)
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.final_norm(x)
@@ -87,16 +100,10 @@ class Transformer(nn.Module):
             targets = targets.masked_fill(~loss_mask.bool(), -100)
         # = F.cross_entropy(logits, targets), the head's logits made and used a chunk of rows at a time
         loss = head_cross_entropy(x.flatten(0, 1), self.lm_head, targets.reshape(-1), cap)
-        if self.config.n_expert and self.config.aux_loss_coef:
-            loss = loss + self.config.aux_loss_coef * self.aux_loss()
+        if balance:
+            aux = load_balancing_loss(router_stats.router_logits, self.config.n_expert_active)
+            loss = loss + self.config.aux_loss_coef * aux
         return loss
-
-    def moe_layers(self) -> list[MoE]:
-        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
-
-    def aux_loss(self) -> torch.Tensor:
-        """The load-balancing loss of the last forward pass over all MoE layers."""
-        return load_balancing_loss([m.router_logits for m in self.moe_layers()], self.config.n_expert_active)
 
     # ---- initialisation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -106,15 +113,17 @@ class Transformer(nn.Module):
         | parameter                                 | init                          |
         |-------------------------------------------|-------------------------------|
         | embeddings, linear weights                | normal(0, init_std)           |
-        | out_proj, down_proj (write the residual)  | normal(0, init_std/sqrt(2L)), |
+        | attention out, MLP down (write residual)   | normal(0, init_std/sqrt(2L)), |
         |                                           | or zeros with zero_init_out   |
         | biases                                    | zeros                         |
         | norm gains                                | ones (zeros with unit offset) |
         """
         cfg = self.config
-        for name, module in self.named_modules():
+        writes_residual = {m.out_proj for m in self.modules() if isinstance(m, (Attention, LatentAttention))}
+        writes_residual |= {m.down_proj for m in self.modules() if isinstance(m, (MLP, GatedMLP))}
+        for module in self.modules():
             if isinstance(module, nn.Linear):
-                residual = name.endswith(("out_proj", "down_proj"))
+                residual = module in writes_residual
                 std = init_std_for_residual(cfg) if residual else cfg.init_std
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 if residual and cfg.zero_init_out:
@@ -138,7 +147,7 @@ class Transformer(nn.Module):
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H D T."""
         cfg = self.config
         n = self.num_params() - (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
-        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * cfg.context_len
+        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.context_len
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None, static: bool = False) -> KVCache:
         """An empty cache for `batch_size` sequences, on the model's device and in its dtype."""
@@ -146,10 +155,25 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, max_len or self.config.context_len, p.device, p.dtype, static)
 
 
+ARCHS = {"transformer": Transformer, "lstm-seq2seq": Seq2SeqLSTM}
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
     """The model a config describes: the Transformer, or (arch="lstm-seq2seq") the LSTM baseline."""
-    if cfg.arch == "lstm-seq2seq":
-        from .lstm import Seq2SeqLSTM
+    return ARCHS[cfg.arch](cfg)
 
-        return Seq2SeqLSTM(cfg)
-    return Transformer(cfg)
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """The parameter count of the model `cfg` describes, built on the meta device (no memory). A
+    Transformer's blocks are built once per kind (dense, mixture of experts) and counted that many
+    times: DeepSeek-V3's 58 layers of 256 experts would take seconds to build even there."""
+    with torch.device("meta"):
+        if ARCHS[cfg.arch] is not Transformer:
+            return build_model(cfg).num_params()
+        first_of_kind = {}  # whether a layer routes to experts -> the first such layer
+        for layer in range(cfg.n_layer):
+            first_of_kind.setdefault(cfg.is_moe_layer(layer), layer)
+        blocks = sum(Block(cfg, first).num_params() * sum(cfg.is_moe_layer(i) == moe for i in range(cfg.n_layer))
+                     for moe, first in first_of_kind.items())
+        shell = Transformer(cfg.replace(n_layer=1, n_dense_layers=1))  # one dense block
+        return blocks + shell.num_params() - shell.blocks[0].num_params()

@@ -1,11 +1,10 @@
-"""Where and how to compute: device and dtype choice, autocast, seeding, rank-0 printing."""
+"""Where and how to compute: device and dtype choice, autocast, seeding, torchrun process groups."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import random
-import sys
 import warnings
 
 import numpy as np
@@ -74,19 +73,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def print0(*args, **kwargs) -> None:
-    if is_main_process():
-        print(*args, **kwargs)
-
-
-def eprint(*args) -> None:
-    print(*args, file=sys.stderr)
 
 
 # ---- distributed (torchrun) --------------------------------------------------------------------------

@@ -1,0 +1,73 @@
+"""TrainConfig: every setting of a training run, as typed fields (settable with --set)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from ..config import ConfigError, check_choices, from_known_fields
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or go on; the message is one line for the user."""
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 12
+    grad_accum: int = 1  # micro-batches per optimizer step; the step sees batch_size * grad_accum rows
+    max_steps: int = 2000
+    max_seconds: float | None = None  # a wall-clock budget; the schedule then follows elapsed time
+    lr: float = 1e-3
+    min_lr: float | None = None  # None: lr / 10
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: hold lr, then decay over cooldown_frac
+    cooldown_frac: float = 0.3  # wsd: the final share of the run spent decaying lr linearly to min_lr
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the hidden matrices, AdamW for the rest
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 250
+    eval_steps: int = 20  # batches per split for each loss estimate
+    checkpoint_interval: int | None = None  # None: every eval_interval
+    keep_last: int = 2  # checkpoints kept besides the best one
+    log_interval: int = 10
+    early_stop_patience: int | None = None  # stop after this many evaluations without a better val loss
+    early_stop_gap: float | None = None  # stop when val loss - train loss exceeds this
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"  # auto: fp32 on CPU (bf16 there is ~100x slower without native support), bf16 on CUDA
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more time
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate, or FSDP2 (shard parameters and state)
+    peak_flops: float | None = None  # for MFU; None: measured with a matmul at start-up; 0: no MFU
+    full_val_eval: bool = False  # val loss over the whole val split (exact), not eval_steps batches
+    objective: Literal["lm", "sft"] = "lm"  # lm: next token everywhere; sft: only the answers of prompt/answer pairs
+    plot: bool = True  # draw loss.png at the end
+
+    def __post_init__(self):
+        check_choices(self, lambda name, value, allowed: f"{name} must be {' or '.join(allowed)}, got {value!r}")
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_steps", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.cooldown_frac <= 1.0:
+            raise ConfigError(f"cooldown_frac must be in [0, 1], got {self.cooldown_frac}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return from_known_fields(cls, d)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)

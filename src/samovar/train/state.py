@@ -1,0 +1,172 @@
+"""Run state: the counters a run carries (step, tokens, time, best val loss), the run folder it
+writes, and what a resume needs back exactly (weights, optimizer state, each rank's RNG).
+
+The batch of step s is drawn from a generator seeded by (seed, s), so a resumed run sees exactly the
+batches an uninterrupted run would have seen; the dropout RNG is saved with the optimizer state.
+Only rank 0 writes; every rank takes part in gathering what it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint as ckpt
+from ..config import ConfigError, ModelConfig
+from ..runtime import Dist
+from ..tokenizer import Tokenizer
+from .config import TrainConfig, TrainingError
+
+
+@dataclass
+class RunState:
+    """The counters of a run, saved in each checkpoint's trainer_state.json."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed: float = 0.0  # training seconds of the sessions before this one
+    best_val: float = math.inf
+    bad_evals: int = 0  # evaluations in a row without a better val loss
+    last_eval: dict = field(default_factory=dict)  # {"step", "train_loss", "val_loss"} of the latest evaluation
+
+    def to_json(self, world_size: int) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed,
+                "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
+                "bad_evals": self.bad_evals, "world_size": world_size,
+                **{k: v for k, v in self.last_eval.items() if k != "step"}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RunState":
+        return cls(step=d["step"], tokens_seen=d["tokens_seen"], elapsed=d["elapsed_s"],
+                   best_val=math.inf if d["best_val_loss"] is None else d["best_val_loss"],
+                   bad_evals=d["bad_evals"])
+
+
+class RunFolder:
+    """RUN/: config.json, train_config.json, tokenizer.json, checkpoints/, best.txt (see checkpoint.py)."""
+
+    def __init__(self, out: str | Path, dist: Dist):
+        self.out = Path(out)
+        self.dist = dist
+
+    def has_checkpoints(self) -> bool:
+        return bool(ckpt.list_checkpoints(self.out))
+
+    def start(self, model_cfg: ModelConfig, cfg: TrainConfig, data: Path, tokenizer: Tokenizer, fresh: bool) -> None:
+        """Write the run's config files (rank 0); a fresh run refuses a folder that holds checkpoints."""
+        if self.dist.is_main:
+            if fresh and self.has_checkpoints():
+                raise TrainingError(f"{self.out} already holds checkpoints: add --resume {self.out} to "
+                                    "continue it, or choose another --out")
+            self.out.mkdir(parents=True, exist_ok=True)
+            model_cfg.save(self.out / "config.json")
+            self.save_train_config(cfg, data)
+            tokenizer.save(self.out / "tokenizer.json")
+        self.dist.barrier()
+
+    def save_train_config(self, cfg: TrainConfig, data: Path) -> None:
+        record = {**cfg.to_dict(), "data": str(data)}
+        ckpt.atomic_write_text(self.out / "train_config.json", json.dumps(record, indent=2) + "\n")
+
+    def resume(self, model, device) -> tuple[RunState, dict]:
+        """Weights into `model` and the counters from the latest complete checkpoint; returns them with
+        its optimizer.pt contents (optimizer and RNG states)."""
+        folder = ckpt.resolve_checkpoint(self.out)
+        saved = ModelConfig.load(folder / "config.json")
+        if saved != model.config:
+            raise ConfigError(f"the model config differs from the one of {folder}; resume with the same "
+                              "preset and --set values")
+        ckpt.load_state_into(model, ckpt.load_weights(folder, device), str(folder))
+        state = RunState.from_json(ckpt.read_json(folder / "trainer_state.json", "trainer state"))
+        extra = ckpt.load_optimizer_state(folder)
+        if extra is None:
+            raise ckpt.CheckpointError(f"{folder} has no optimizer.pt: it cannot be resumed exactly")
+        if self.dist.is_main:
+            ckpt.remove_stale_temp_folders(self.out)
+        return state, extra
+
+    def save(self, state: RunState, model, tokenizer: Tokenizer, optimizer, fsdp: bool, keep_last: int) -> Path:
+        """Write a checkpoint of `state` (rank 0), name it in best.txt when its val loss is the best,
+        and prune the older ones."""
+        model_state, opt_state = full_states(model, optimizer, fsdp)
+        rng = capture_rng(self.dist, next(model.parameters()).device)
+        folder = self.out / ckpt.CHECKPOINTS / f"step-{state.step:07d}"
+        if self.dist.is_main:
+            ckpt.save_checkpoint(folder, model, tokenizer, state.to_json(self.dist.world_size),
+                                 {"optimizer": opt_state, "rng": rng}, model_state=model_state)
+            if state.last_eval.get("step") == state.step and state.last_eval["val_loss"] <= state.best_val:
+                ckpt.atomic_write_text(self.out / "best.txt", folder.name + "\n")
+            self.prune(keep_last)
+        self.dist.barrier()
+        return folder
+
+    def prune(self, keep_last: int) -> None:
+        """Keep the last keep_last checkpoints and the best one."""
+        best_file = self.out / "best.txt"
+        best = best_file.read_text().strip() if best_file.exists() else None
+        for folder in ckpt.list_checkpoints(self.out)[:-max(1, keep_last)]:
+            if folder.name != best:
+                ckpt.remove_checkpoint(folder)
+
+
+def init_from(run: str | Path, model, tokenizer: Tokenizer, device) -> None:
+    """Start from another run's (or an imported model's) weights: fine-tuning. Only dropout and
+    the labels may differ from its config; the data must use its tokenizer."""
+    folder = ckpt.resolve_checkpoint(run)
+    saved = ModelConfig.load(folder / "config.json")
+    free = ("dropout", "name", "family", "aux_loss_coef", "export_as")
+    shape_fields = [f for f in ModelConfig.__dataclass_fields__ if f not in free]
+    changed = [f for f in shape_fields if getattr(saved, f) != getattr(model.config, f)]
+    if changed:
+        raise ConfigError(f"--init-from {run}: the model's {', '.join(changed)} cannot change (only dropout can)")
+    if (folder / "tokenizer.json").exists() and Tokenizer.load(folder).hf.to_str() != tokenizer.hf.to_str():
+        raise ConfigError(f"the data was tokenized with another tokenizer than {folder}'s; prepare it "
+                          f"with --tokenizer {folder / 'tokenizer.json'}")
+    ckpt.load_state_into(model, ckpt.load_weights(folder, device), str(folder))
+
+
+def full_states(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """Model and optimizer state, whole, on the CPU (gathered from the shards under FSDP)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(model, options=options),
+                get_optimizer_state_dict(model, optimizer, options=options))
+    return model.state_dict(), optimizer.state_dict()
+
+
+def restore_optimizer(model, optimizer, opt_state: dict, fsdp: bool) -> None:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(opt_state)
+
+
+def capture_rng(dist: Dist, device: torch.device) -> dict:
+    """Every rank's torch RNG state (the dropout streams), and the CUDA ones."""
+    rng = {"torch": [torch.get_rng_state()]}
+    if dist.enabled:
+        from torch.distributed import all_gather_object
+
+        gathered = [None] * dist.world_size
+        all_gather_object(gathered, torch.get_rng_state())
+        rng["torch"] = gathered
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng: dict, dist: Dist, device: torch.device) -> None:
+    states = rng["torch"]  # one per rank of the run that saved it
+    # (resumed on another number of processes, every rank continues rank 0's dropout stream)
+    torch.set_rng_state(states[dist.rank] if len(states) == dist.world_size else states[0])
+    if device.type == "cuda" and rng.get("cuda"):
+        torch.cuda.set_rng_state_all(rng["cuda"])
