@@ -89,3 +89,23 @@ def test_field_parsing_follows_types():
         parse_field_value(ModelConfig, "n_layer", "six")
     with pytest.raises(ConfigError, match="unknown key"):
         parse_field_value(ModelConfig, "layers", "6")
+
+
+def test_each_size_has_one_name_resolved_once():
+    cfg = ModelConfig(n_embd=64, n_head=4)
+    assert (cfg.n_kv_head, cfg.head_dim, cfg.d_ff, cfg.expert_d_ff) == (4, 16, 256, 256)
+    wider = cfg.replace(n_embd=128)  # derived sizes follow the fields they come from ...
+    assert (wider.head_dim, wider.d_ff) == (32, 512)
+    given = ModelConfig(n_embd=64, n_head=4, d_ff=100).replace(n_embd=128)  # ... given ones stay
+    assert given.d_ff == 100 and given.head_dim == 32
+    assert cfg.to_dict()["d_ff"] is None and given.to_dict()["d_ff"] == 100  # config.json as before
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("field, value", [("norm", "batchnorm"), ("mlp", "swish"), ("position", "alibi"),
+                                          ("arch", "rnn"), ("export_as", "bert")])
+def test_choice_fields_refuse_other_values_on_one_line(field, value):
+    with pytest.raises(ConfigError, match=f"^{field}='{value}' is not one of "):
+        ModelConfig(**{field: value})
+    with pytest.raises(ConfigError, match=f"^{field}='{value}' is not one of "):
+        parse_field_value(ModelConfig, field, value)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from samovar import checkpoint as ckpt
 from samovar.config import ConfigError, get_preset
-from samovar.train import TrainConfig, Trainer, TrainingError, lr_at
+from samovar.train import TrainConfig, Trainer, TrainingError
 
 
 def tiny_model(data_vocab):
@@ -106,14 +106,6 @@ def test_keeps_last_checkpoints_and_the_best(tmp_path, char_data):
     assert names[-1] == "step-0000040" and best in names and len(names) <= 2
 
 
-def test_schedule_warms_up_then_decays():
-    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
-    assert lr_at(cfg, 0, 0.0) == pytest.approx(1e-4)
-    assert lr_at(cfg, 9, 0.0) == pytest.approx(1e-3)
-    assert lr_at(cfg, 60, 0.5) == pytest.approx(5.5e-4)
-    assert lr_at(cfg, 110, 1.0) == pytest.approx(1e-4)
-
-
 def test_bad_runs_are_refused_before_the_first_step(tmp_path, char_data):
     run = tmp_path / "run"
     Trainer(tiny_model(69), tiny_train(max_steps=10), char_data, run, progress=False).train()
@@ -138,23 +130,6 @@ def test_mixture_of_experts_trains_and_reports_expert_usage(tmp_path, char_data,
     assert len(balance) == 4 and all(1.0 <= b <= cfg.n_expert for b in balance)
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
-    cfg = get_preset("llama-tiny")
-    torch.manual_seed(0)
-    from samovar.model import Transformer
-    from samovar.train import apply_activation_checkpointing
-
-    a, b = Transformer(cfg), Transformer(cfg)
-    b.load_state_dict(a.state_dict())
-    apply_activation_checkpointing(b)
-    assert list(b.state_dict()) == list(a.state_dict())  # applied from outside: the names stay
-    idx = torch.randint(cfg.vocab_size, (2, 16))
-    a(idx, idx).backward()
-    b(idx, idx).backward()
-    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
-        torch.testing.assert_close(pa.grad, pb.grad, msg=name)
-
-
 def test_bf16_on_the_cpu_warns_only_without_native_bf16():
     import warnings
 
@@ -174,39 +149,3 @@ def test_compiled_training_matches_eager(tmp_path, char_data):
     compiled = Trainer(tiny_model(69).replace(dropout=0.0), tiny_train(max_steps=3, eval_interval=3, compile=True),
                        char_data, tmp_path / "compiled", progress=False).train()
     assert compiled["val_loss"] == pytest.approx(eager["val_loss"], abs=1e-3)
-
-
-def test_muon_takes_block_matrices_and_adamw_the_rest(tmp_path, char_data):
-    from samovar.train import Optimizers, make_optimizer
-
-    cfg = get_preset("llama-tiny").replace(vocab_size=69, context_len=32)
-    from samovar.model import Transformer
-    from samovar.train import apply_activation_checkpointing
-
-    model = Transformer(cfg)
-    opt = make_optimizer(model, tiny_train(optimizer="muon", muon_lr=0.05), torch.device("cpu"))
-    assert isinstance(opt, Optimizers)
-    adamw, muon = opt.optimizers
-    muon_params = {id(p) for g in muon.param_groups for p in g["params"]}
-    for name, p in model.named_parameters():
-        assert (id(p) in muon_params) == (name.startswith("blocks.") and p.dim() == 2), name
-    assert {g["base_lr"] for g in muon.param_groups} == {0.05}
-    run = tmp_path / "run"
-    trainer = Trainer(cfg, tiny_train(optimizer="muon", muon_lr=0.05, max_steps=20), char_data, run, progress=False)
-    start = trainer.estimate_loss()["val"]
-    result = trainer.train()
-    assert result["val_loss"] < start - 0.8
-    shutil.rmtree(run / "checkpoints" / "step-0000020")  # resume restores both optimizers
-    again = Trainer(cfg, tiny_train(optimizer="muon", muon_lr=0.05, max_steps=20), char_data, run,
-                    resume=True, progress=False)
-    assert again.step == 10 and again.optimizer.optimizers[1].state
-
-
-def test_wsd_schedule_holds_then_decays():
-    cfg = TrainConfig(lr=1e-2, min_lr=0.0, warmup_steps=0, schedule="wsd", cooldown_frac=0.4)
-    assert lr_at(cfg, 10, 0.1) == pytest.approx(1e-2)
-    assert lr_at(cfg, 50, 0.6) == pytest.approx(1e-2)
-    assert lr_at(cfg, 80, 0.8) == pytest.approx(0.5e-2)
-    assert lr_at(cfg, 100, 1.0) == pytest.approx(0.0)
-    with pytest.raises(ConfigError, match="schedule must be"):
-        TrainConfig(schedule="linear")

@@ -92,7 +92,7 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def state_for_saving(model: torch.nn.Module, state: dict | None) -> dict[str, torch.Tensor]:
-    tied = getattr(model.config, "tie_embeddings", False)
+    tied = model.config.tie_embeddings
     state = model.state_dict() if state is None else state
     return {k: v.detach().cpu().contiguous() for k, v in state.items() if not (tied and k == "lm_head.weight")}
 
