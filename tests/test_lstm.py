@@ -110,6 +110,7 @@ def test_lstm_baseline_beside_a_transformer_on_real_qa(tmp_path):
         assert r["answer_perplexity"] < 30  # learned: far below a uniform guess over the ~100 symbols
         assert {"bleu", "chrf", "ttft_ms", "decode_tokens_per_s"} <= set(r)
     assert "perplexity" not in rows[0] and "perplexity" in rows[1]  # the LSTM has no whole-text loss
+    assert "'-': the lstm-seq2seq baseline only answers prompts" in result.stdout  # and the table says so
     assert out.read_bytes()[:4] == b"\x89PNG"
     text = run_cli("eval", tmp_path / "lstm", "--data", tmp_path / "heldout.txt", "--max-examples", "3", "--no-latency")
     assert text.returncode == 0, text.stderr

@@ -19,9 +19,10 @@ def test_run_state_round_trips_through_trainer_state_json():
                      last_eval={"step": 7, "train_loss": 2.0, "val_loss": 2.25})
     saved = state.to_json(world_size=2)
     assert saved == {"step": 7, "tokens_seen": 700, "elapsed_s": 1.5, "best_val_loss": 2.25, "bad_evals": 1,
-                     "world_size": 2, "train_loss": 2.0, "val_loss": 2.25}
+                     "world_size": 2, "train_loss": 2.0, "val_loss": 2.25, "eval_step": 7}
     again = RunState.from_json(saved)
     assert (again.step, again.tokens_seen, again.elapsed, again.best_val, again.bad_evals) == (7, 700, 1.5, 2.25, 1)
+    assert again.last_eval == state.last_eval  # a resumed run knows its last evaluation's step
     assert RunState.from_json(RunState().to_json(1)).best_val == math.inf  # none yet: null in the file
 
 

@@ -86,8 +86,8 @@ def new_ids(model, prompt: list[int], params: SamplingParams, stop_ids=(), vocab
 def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_tokens: int = 256,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, ignore_eos: bool = False, stream: bool = False, compile: bool = False):
-    """The continuation of `prompt` as text, or an iterator of text pieces when stream=True.
-    Temperature 0 is greedy; generation stops at the eos token unless ignore_eos is set.
+    """The continuation of `prompt` as text, without the prompt (`samovar generate` prints the prompt,
+    then this), or an iterator of text pieces when stream=True. Temperature 0 is greedy; generation stops at the eos token unless ignore_eos is set.
     compile: decode through the compiled one-token step (its first use compiles it)."""
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, ignore_eos=ignore_eos)

@@ -41,6 +41,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
 # ---- presets -----------------------------------------------------------------------------------------
 def preset_parts(cfg: ModelConfig) -> str:
     """The parts a preset is made of, in a few words."""
+    if cfg.arch == "lstm-seq2seq":
+        return f"LSTM encoder-decoder, {cfg.n_layer} layers each side, hidden size {cfg.n_embd}"
     parts = [f"{cfg.norm_placement}-{cfg.norm}", cfg.position, cfg.mlp]
     parts += ["latent attention"] if cfg.attention == "mla" else []
     parts += [f"{cfg.n_expert_active} of {cfg.n_expert} experts"
@@ -58,6 +60,7 @@ def cmd_presets(args) -> None:
           f"{'context':>8} {'vocab':>7}  parts")
     for name, cfg in PRESETS.items():
         heads = f"{cfg.n_head}/{cfg.n_kv_head}" if cfg.n_kv_head != cfg.n_head else str(cfg.n_head)
+        heads = "-" if cfg.arch != "transformer" else heads  # the LSTM has no attention heads
         print(f"{name:<16} {cfg.family:<10} {format_count(count_parameters(cfg)):>9}  {cfg.n_layer:>6} "
               f"{cfg.n_embd:>6} {heads:>7} {cfg.context_len:>8} {cfg.vocab_size:>7}  {preset_parts(cfg)}")
 
@@ -79,25 +82,30 @@ def cmd_prepare(args) -> None:
 def cmd_train(args) -> None:
     from .checkpoint import resolve_checkpoint
     from .data import TokenData
-    from .recipes import build_configs, parse_sets, read_config_file
+    from .recipes import build_configs, parse_sets, read_config_file, resume_configs
     from .train import Trainer
 
     file_values = read_config_file(args.config) if args.config else {}
-    out = args.resume or args.out or file_values.get("out")
-    data = args.data or file_values.get("data")
-    if out is None:
-        raise ConfigError("no run folder: give --out RUN (or --resume RUN)")
-    if data is None and args.resume:
-        data = json.loads((Path(args.resume) / "train_config.json").read_text()).get("data")
-    if data is None:
-        raise ConfigError("no data: give --data DIR (a folder made by `samovar prepare`)")
-    vocab = TokenData.open(data).meta.get("vocab_size")
-    base = ModelConfig.load(resolve_checkpoint(args.init_from) / "config.json") if args.init_from else None
-    model_cfg, train_cfg = build_configs(args.preset, file_values, parse_sets(args.set), vocab, base)
+    sets = parse_sets(args.set)
+    if args.resume:  # the run's own configs and data, changed only where flags say so
+        if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise ConfigError(f"--resume {args.resume} continues that folder; --out {args.out} names another")
+        model_cfg, train_cfg, data = resume_configs(args.resume, args.preset, file_values, sets)
+        out, data = args.resume, args.data or data
+    else:
+        out, data = args.out or file_values.get("out"), args.data or file_values.get("data")
+        if out is None:
+            raise ConfigError("no run folder: give --out RUN (or --resume RUN)")
+        if data is None:
+            raise ConfigError("no data: give --data DIR (a folder made by `samovar prepare`)")
+        vocab = TokenData.open(data).meta.get("vocab_size")
+        base = ModelConfig.load(resolve_checkpoint(args.init_from) / "config.json") if args.init_from else None
+        model_cfg, train_cfg = build_configs(args.preset, file_values, sets, vocab, base)
     trainer = Trainer(model_cfg, train_cfg, data, out, resume=bool(args.resume), init_from=args.init_from)
+    budget = trainer.budget_note()
     print(f"model {format_count(trainer.model.num_params())} parameters on {trainer.device} "
           f"({str(trainer.dtype).removeprefix('torch.')}); run folder {out}"
-          + (f", resuming at step {trainer.step}" if args.resume else ""))
+          + (f", resuming at step {trainer.step}" if args.resume else "") + (f"; {budget}" if budget else ""))
     result = trainer.train()
     print(f"done: step {result['step']} ({result['stop_reason']}), val loss {result.get('val_loss', 0):.4f}, "
           f"best {result['best_val_loss']:.4f}, {result['tokens_seen']:,} tokens in {result['elapsed_s']:.0f}s")
@@ -120,20 +128,25 @@ def cmd_generate(args) -> None:
         print(args.prompt + generate(model, tokenizer, args.prompt, **kwargs))
 
 
-def load_for_eval(run, args):
+def load_for_eval(run, args, quantize: str | None = None):
     from .api import LLM
 
-    llm = LLM.from_path(run, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    llm = LLM.from_path(run, device=args.device, dtype=args.dtype, quantize=quantize)
     if llm.tokenizer is None:
         raise ConfigError(f"{run} has no tokenizer.json")
     return llm
 
 
 def cmd_eval(args) -> None:
-    from .evaluation import evaluate, format_result
+    from .evaluation import add_quantization_cost, evaluate, format_result
 
-    result = evaluate(load_for_eval(args.run, args), args.data, task=args.task, max_examples=args.max_examples,
-                      max_tokens=args.max_tokens, with_latency=not args.no_latency, compile=args.compile)
+    result = evaluate(load_for_eval(args.run, args, args.quantize), args.data, task=args.task,
+                      max_examples=args.max_examples, max_tokens=args.max_tokens, with_latency=not args.no_latency,
+                      compile=args.compile)
+    if args.quantize:  # the cost of rounding: the float model's perplexity on the same text
+        reference = evaluate(load_for_eval(args.run, args), args.data, task=result["task"], max_examples=0,
+                             max_tokens=args.max_tokens, with_latency=False)
+        add_quantization_cost(result, reference, args.quantize)
     print(json.dumps(result, ensure_ascii=False, indent=2) if args.json else format_result(args.run, args.data, result))
 
 
@@ -142,7 +155,7 @@ def cmd_compare(args) -> None:
 
     rows = []
     for run in args.runs:
-        llm = load_for_eval(run, args)
+        llm = load_for_eval(run, args, args.quantize)
         result = evaluate(llm, args.data, task=args.task, max_examples=args.max_examples, max_tokens=args.max_tokens,
                           compile=args.compile)
         rows.append({"run": str(run), "params": llm.model.num_params(), **result})
@@ -246,7 +259,7 @@ def decode_options(s) -> None:
 
 
 def sampling_options(s) -> None:
-    s.add_argument("--prompt", default="", help="the text to continue")
+    s.add_argument("--prompt", default="", help="the text to continue (printed first, then its continuation)")
     s.add_argument("--max-tokens", type=int, default=256)
     s.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
     s.add_argument("--top-k", type=int, default=None)
@@ -288,7 +301,10 @@ def train_arguments(s) -> None:
     s.add_argument("--out", help="the run folder to write")
     s.add_argument("--config", help="a TOML or YAML file of settings (preset, data, out, fields), or the name "
                                     "of a packaged recipe (e.g. shakespeare-char)")
-    s.add_argument("--resume", metavar="RUN", help="continue RUN from its latest complete checkpoint")
+    s.add_argument("--resume", metavar="RUN",
+                   help="continue RUN from its latest complete checkpoint, with its own settings and data "
+                        "(--set changes training settings only; max_seconds counts the whole run's training "
+                        "time, earlier sessions included)")
     s.add_argument("--init-from", metavar="RUN",
                    help="start from the weights and config of RUN (fine-tuning; prepare the data with "
                         "--tokenizer RUN/tokenizer.json)")

@@ -293,6 +293,7 @@ def _gpt1(**kw) -> ModelConfig:
     # https://huggingface.co/openai-community/openai-gpt/blob/main/config.json
     base = dict(family="gpt1", vocab_size=40478, context_len=512, n_layer=12, n_head=12, n_embd=768,
                 norm="layernorm", norm_placement="post", position="learned", mlp="gelu",
+                gelu_approx="tanh",  # GPT-1's GELU is the tanh approximation (HF openai-gpt's "gelu")
                 attn_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True, dropout=0.1)
     return ModelConfig(**{**base, **kw})
 

@@ -168,10 +168,22 @@ def evaluate(llm, data: str | Path, task: str = "auto", max_examples: int = 100,
         if not pairs:
             raise DataError(f"no {task} examples found in {data}")
         result.update(answer_metrics(llm.model, *encode_pairs(llm.tokenizer, pairs, task)))
-        step = max(1, len(pairs) // max_examples)  # spread the examples over the file
-        result.update(generation_metrics(lm_answer(llm), pairs[::step][:max_examples]))
+        if max_examples > 0:
+            step = max(1, len(pairs) // max_examples)  # spread the examples over the file
+            result.update(generation_metrics(lm_answer(llm), pairs[::step][:max_examples]))
     if with_latency:
         result.update(latency(llm.model, compile=compile))
+    return result
+
+
+def add_quantization_cost(result: dict, reference: dict, kind: str) -> dict:
+    """Put the float model's perplexities (`reference`, on the same text) beside a quantized model's
+    `result`, with the relative cost of rounding: float_perplexity, perplexity_cost, ..."""
+    result["quantize"] = kind
+    for key in ("perplexity", "answer_perplexity"):
+        if key in result and key in reference:
+            result[f"float_{key}"] = reference[key]
+            result[f"{key}_cost"] = result[key] / reference[key] - 1
     return result
 
 
@@ -189,6 +201,10 @@ def format_result(run, data, result: dict) -> str:
                      f"{result['exact_match']:.1%} ({result['examples']} examples)")
         for s in result["samples"]:
             lines.append(f"    {s['prompt'].splitlines()[-1]!r} -> {s['answer']!r} (reference {s['reference']!r})")
+    for key in ("perplexity", "answer_perplexity"):
+        if f"{key}_cost" in result:
+            lines.append(f"  {result['quantize']} costs {result[f'{key}_cost']:+.2%} {key.replace('_', ' ')} "
+                         f"against the float model ({result[f'float_{key}']:.2f} -> {result[key]:.2f})")
     if "ttft_ms" in result:
         lines.append(f"  time to first token {result['ttft_ms']:.1f} ms   decode "
                      f"{result['decode_tokens_per_s']:.1f} tokens/s")
@@ -209,6 +225,9 @@ def compare_table(rows: list[dict]) -> str:
     for name, r in zip(short_names([r["run"] for r in rows]), rows):
         cells = " ".join(f"{(f.format(r[k]) if k in r else '-'):>12}" for k, _, f in present)
         lines.append(f"{name[-32:]:<32} {r['params'] / 1e6:>8.2f}M {cells}")
+    if any("perplexity" in r for r in rows) and not all("perplexity" in r for r in rows):
+        lines.append("('-': the lstm-seq2seq baseline only answers prompts, so it has no perplexity or bits per "
+                     "byte over whole texts; compare answer ppl)")
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ the two recipes that are commands of their own, the demo and the speedrun, as li
 from __future__ import annotations
 
 import importlib.resources
+import json
 import math
 import os
 import shutil
@@ -85,9 +86,10 @@ def parse_sets(pairs: list[str]) -> dict:
 
 
 def build_configs(preset: str | None, file_values: dict, sets: dict, data_vocab: int | None,
-                  base: ModelConfig | None = None) -> tuple[ModelConfig, TrainConfig]:
-    """ModelConfig and TrainConfig from a preset (or `base`, the config of --init-from), then the
-    config file, then --set (last wins)."""
+                  base: ModelConfig | None = None, train_base: TrainConfig | None = None
+                  ) -> tuple[ModelConfig, TrainConfig]:
+    """ModelConfig and TrainConfig from a preset (or `base`, the config of --init-from or --resume),
+    then the config file, then --set (last wins); `train_base`: the TrainConfig they change."""
     values = {**file_values, **sets}
     preset = values.pop("preset", None) or preset
     values.pop("data", None)
@@ -105,7 +107,44 @@ def build_configs(preset: str | None, file_values: dict, sets: dict, data_vocab:
             raise unknown_key(key, MODEL_KEYS | TRAIN_KEYS)
     if "vocab_size" not in model_changes and data_vocab is not None and base is None:
         model_changes["vocab_size"] = data_vocab  # the preset's shape, the data's vocabulary
-    return model_cfg.replace(**model_changes), TrainConfig(**train_changes)
+    return model_cfg.replace(**model_changes), (train_base or TrainConfig()).replace(**train_changes)
+
+
+def resume_configs(run: str | Path, preset: str | None, file_values: dict, sets: dict
+                   ) -> tuple[ModelConfig, TrainConfig, str | None]:
+    """The configs and data folder a run was trained with, changed only where a config file or --set
+    names a training setting. A model field cannot change on resume: that is refused by name."""
+    run = Path(run)
+    if not (run / "config.json").exists() or not (run / "train_config.json").exists():
+        raise ConfigError(f"{run} is not a run folder (no config.json and train_config.json): nothing to resume")
+    model_cfg = ModelConfig.load(run / "config.json")
+    saved = json.loads((run / "train_config.json").read_text(encoding="utf-8"))
+    data = saved.pop("data", None)
+    values = {**file_values, **sets}
+    given = values.pop("preset", None) or preset
+    if given is not None and given != model_cfg.name:
+        raise ConfigError(f"{run} is a {model_cfg.name} model, not {given}: --resume continues it as it is "
+                          "(leave out --preset)")
+    new_model, train_cfg = build_configs(None, values, {}, None, base=model_cfg,
+                                         train_base=TrainConfig.from_dict(saved))
+    for name in ModelConfig.__dataclass_fields__:
+        old, new = getattr(model_cfg, name), getattr(new_model, name)
+        if old != new:
+            raise ConfigError(f"--resume {run}: the model's {name} cannot change ({old} -> {new}); "
+                              f"start a new run with --init-from {run} instead")
+    return model_cfg, train_cfg, data
+
+
+def new_folder(path: str | Path) -> Path:
+    """`path`, or, when that exists, the first of path-2, path-3, ... that does not: a new run never
+    replaces an old one."""
+    path = Path(path)
+    n = 2
+    found = path
+    while found.exists():
+        found = path.with_name(f"{path.name}-{n}")
+        n += 1
+    return found
 
 
 # ---- the demo ----------------------------------------------------------------------------------------
@@ -127,8 +166,7 @@ def demo(minutes: float = 8.0, preset: str | None = None, out: str | Path = "run
     meta = prepare([plays], out / "data", tokenizer="char")
     say(f"prepared {meta['train_tokens']:,} train / {meta['val_tokens']:,} val characters "
         f"({meta['vocab_size']} symbols) in {time.time() - t0:.0f}s")
-    run = out / "run"
-    shutil.rmtree(run, ignore_errors=True)  # the demo's own previous run
+    run = new_folder(out / "run")  # an earlier demo's run is kept
     recipe = read_config_file("demo")
     recipe.update({"max_seconds": minutes * 60, "device": device, **({"preset": preset} if preset else {})})
     model_cfg, train_cfg = build_configs(None, recipe, sets or {}, meta["vocab_size"])
@@ -170,8 +208,8 @@ def speedrun(recipe: str | Path = "speedrun-shakespeare-char", data: str | Path 
     if not corpus.exists():
         raise ConfigError(f"corpus {corpus} does not exist; give --data path/to/tinyshakespeare/input.txt")
     out = Path(out)
-    for own in ("data", "run"):  # the previous race's folders (and nothing else under --out)
-        shutil.rmtree(out / own, ignore_errors=True)
+    shutil.rmtree(out / "data", ignore_errors=True)  # prepared again: the race times it
+    run = new_folder(out / "run")  # an earlier race's run is kept
     meta = prepare([corpus], out / "data", tokenizer="char", special_tokens=())  # nanoGPT's split and vocab
     sets = dict(sets or {})
     sets.update({"full_val_eval": "true", "plot": "false", "device": device})
@@ -182,7 +220,7 @@ def speedrun(recipe: str | Path = "speedrun-shakespeare-char", data: str | Path 
     if budget_seconds is not None:
         reserve = 2.0  # the final whole-split evaluation and the last checkpoint
         train_cfg = train_cfg.replace(max_steps=10**9, max_seconds=max(1.0, budget_seconds - process_age() - reserve))
-    trainer = Trainer(model_cfg, train_cfg, out / "data", out / "run", progress=progress)
+    trainer = Trainer(model_cfg, train_cfg, out / "data", run, progress=progress)
     reached = {}
 
     def on_eval(step: int, losses: dict) -> None:
@@ -191,5 +229,5 @@ def speedrun(recipe: str | Path = "speedrun-shakespeare-char", data: str | Path 
 
     trainer.eval_hook = on_eval
     result = trainer.train()
-    return {**result, "params": trainer.model.num_params(), "age_s": process_age(),
+    return {**result, "params": trainer.model.num_params(), "age_s": process_age(), "run": str(run),
             "time_to_target_s": reached.get("time", math.inf), "reached_step": reached.get("step")}

@@ -41,6 +41,8 @@ def read_documents(files: list[Path]) -> list[str]:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
+            if b"\0" in raw[:65536]:  # text in any 8-bit encoding has no NUL bytes; images and archives do
+                raise DataError(f"{file} looks binary (it holds NUL bytes), not text: give text files") from None
             raise DataError(f"{file} is not UTF-8 text (bad byte at offset {e.start}); "
                             "convert it first, e.g. iconv -f cp1251 -t utf-8") from None
         text = text.removeprefix("\ufeff").replace("\r\n", "\n")

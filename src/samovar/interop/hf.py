@@ -25,7 +25,7 @@ import torch
 
 from ..checkpoint import CheckpointError, atomic_path, atomic_write_text
 from ..config import ModelConfig
-from .hf_config import (HFError, deepseek_from_hf, deepseek_to_hf, gemma_from_hf, gemma_to_hf, gpt1_from_hf,
+from .hf_config import (HFError, check, deepseek_from_hf, deepseek_to_hf, gemma_from_hf, gemma_to_hf, gpt1_from_hf,
                         gpt1_to_hf, gpt2_from_hf, gpt2_to_hf, llama_from_hf, llama_to_hf, mistral_from_hf,
                         mistral_to_hf, mixtral_from_hf, mixtral_to_hf, qwen3_from_hf, qwen3_to_hf)
 from .hf_weights import DEEPSEEK_NAMES, GPT1_NAMES, GPT2_NAMES, LLAMA_NAMES, MIXTRAL_NAMES, state_from_hf, state_to_hf
@@ -70,20 +70,17 @@ def config_from_hf(hf: dict) -> tuple[ModelConfig, Family]:
 
 def config_to_hf(cfg: ModelConfig) -> tuple[dict, Family]:
     """The HF config.json of `cfg`: of the family `cfg.export_as` names, else of the first family
-    (in FAMILIES' order) that expresses the model exactly."""
+    (in FAMILIES' order) that expresses the model exactly. A refusal names what stops the nearest."""
     if cfg.arch != "transformer":
         raise HFError(f"a {cfg.arch} model has no HuggingFace counterpart to export to")
-    order = [cfg.export_as] if cfg.export_as is not None else list(FAMILIES)
-    errors = []
-    for kind in order:
-        family = FAMILIES[kind]
-        try:
-            hf = family.to_hf(cfg)
-        except HFError as e:
-            errors.append(f"{kind}: {e}")
-            continue
-        return {"architectures": [family.architecture], "model_type": kind, **hf}, family
-    raise HFError("no HF family can express this model (" + "; ".join(errors) + ")")
+    wrong = {kind: check(cfg, kind) for kind in ([cfg.export_as] if cfg.export_as else FAMILIES)}
+    kind = min(wrong, key=lambda k: len(wrong[k]))  # the first that fits, or the nearest
+    if wrong[kind]:
+        more = f" and {len(wrong[kind]) - 2} more" if len(wrong[kind]) > 2 else ""
+        which = "the nearest HF family" if len(wrong) > 1 else "HF family"
+        raise HFError(f"{which}, {kind}, needs {', '.join(wrong[kind][:2])}{more}")
+    family = FAMILIES[kind]
+    return {"architectures": [family.architecture], "model_type": kind, **family.to_hf(cfg)}, family
 
 
 # ---- folders -----------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ write one. The Family records that tie these to the weight tables are in hf.py."
 
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 from ..config import ModelConfig
@@ -91,32 +92,61 @@ def _llama_like(hf: dict, **extra) -> ModelConfig:
 
 
 def _llama_like_to_hf(cfg: ModelConfig) -> dict:
-    if cfg.position != "rope" or cfg.norm != "rmsnorm" or cfg.norm_placement != "pre":
-        raise HFError("this family needs pre-norm RMSNorm blocks with rotary positions")
-    if cfg.attn_bias != cfg.attn_out_bias:
-        raise HFError("HF has one attention_bias for q, k, v and the output projection")
-    act = {("swiglu", "none"): "silu", ("geglu", "tanh"): "gelu_pytorch_tanh", ("geglu", "none"): "gelu"}
-    if (cfg.mlp, cfg.gelu_approx) not in act:
-        raise HFError(f"mlp={cfg.mlp} cannot be written for this family")
+    act = {"swiglu": "silu", "geglu": {"tanh": "gelu_pytorch_tanh", "none": "gelu"}[cfg.gelu_approx]}
     return {
         "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.context_len,
         "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
         "num_key_value_heads": cfg.n_kv_head, "hidden_size": cfg.n_embd, "head_dim": cfg.head_dim,
         "intermediate_size": cfg.d_ff, "rms_norm_eps": cfg.norm_eps, "attention_bias": cfg.attn_bias,
-        "hidden_act": act[(cfg.mlp, cfg.gelu_approx)], "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": act[cfg.mlp], "tie_word_embeddings": cfg.tie_embeddings,
         **_rope_to_hf(cfg),
     }
 
 
-def _unsupported(cfg: ModelConfig, **allowed) -> None:
-    """Refuse config features a family's HF class cannot express (each allowed one named True)."""
-    features = {"qk_norm": cfg.qk_norm, "sliding_window": cfg.sliding_window is not None,
-                "norm_unit_offset": cfg.norm_unit_offset, "embed_scale": cfg.embed_scale,
-                "n_expert": cfg.n_expert > 0, "mla": cfg.attention == "mla", "mlp_bias": cfg.mlp_bias,
-                "logit_softcap": cfg.logit_softcap is not None}
-    bad = [name for name, on in features.items() if on and not allowed.get(name)]
-    if bad:
-        raise HFError(f"this family cannot express {', '.join(bad)}")
+# ---- what each family's HF class computes ------------------------------------------------------------
+# A family expresses a model exactly when each field listed for it has an allowed value: a tuple of
+# values, or a function of the config giving the one value allowed. Fields not listed are free.
+def _same(field: str) -> Callable[[ModelConfig], object]:
+    return lambda cfg: getattr(cfg, field)
+
+
+PLAIN = dict(arch=("transformer",), attention=("mha",), qk_norm=(False,), sliding_window=(None,),
+             norm_unit_offset=(False,), embed_scale=(False,), n_expert=(0,), logit_softcap=(None,))
+GPT = dict(PLAIN, norm=("layernorm",), position=("learned",), attn_bias=(True,), attn_out_bias=(True,),
+           mlp_bias=(True,), norm_bias=(True,), mlp=("relu", "gelu"), n_kv_head=_same("n_head"),
+           head_dim=lambda c: c.n_embd // c.n_head)
+LLAMA = dict(PLAIN, norm=("rmsnorm",), norm_placement=("pre",), position=("rope",), mlp=("swiglu", "geglu"),
+             attn_out_bias=_same("attn_bias"))  # HF has one attention_bias for q, k, v and the output
+NO_BIAS = dict(attn_bias=(False,), mlp_bias=(False,))
+EXPERTS = dict(n_expert=lambda c: max(c.n_expert, 1))
+REQUIREMENTS = {
+    "openai-gpt": dict(GPT, norm_placement=("post",), gelu_approx=("tanh",), d_ff=lambda c: 4 * c.n_embd),
+    "gpt2": dict(GPT, norm_placement=("pre",)),
+    "llama": LLAMA,
+    "mistral": dict(LLAMA, **NO_BIAS, sliding_window=_same("sliding_window")),
+    "mixtral": dict(LLAMA, **NO_BIAS, **EXPERTS, sliding_window=_same("sliding_window"), router=("softmax",),
+                    n_shared_expert=(0,), n_dense_layers=(0,), expert_d_ff=_same("d_ff"), router_norm_topk=(True,),
+                    routed_scale=(1.0,)),
+    "gemma": dict(LLAMA, mlp_bias=(False,), norm_unit_offset=(True,), embed_scale=(True,), tie_embeddings=(True,),
+                  mlp=("geglu",), gelu_approx=("tanh",)),
+    "qwen3": dict(LLAMA, mlp_bias=(False,), qk_norm=(True,)),
+    "deepseek_v3": dict(LLAMA, **EXPERTS, mlp_bias=(False,), attention=("mla",), router=("sigmoid",),
+                        n_shared_expert=lambda c: max(c.n_shared_expert, 1)),
+}
+
+
+def _shown(value) -> str:
+    return json.dumps(value) if value is None or isinstance(value, bool) else str(value)
+
+
+def check(cfg: ModelConfig, kind: str) -> list[str]:
+    """What stops family `kind` from expressing `cfg` exactly, as `field=wanted (not value)`; [] for nothing."""
+    wrong = []
+    for name, allowed in REQUIREMENTS[kind].items():
+        wanted = (allowed(cfg),) if callable(allowed) else allowed
+        if getattr(cfg, name) not in wanted:
+            wrong.append(f"{name}={'/'.join(map(_shown, wanted))} (not {_shown(getattr(cfg, name))})")
+    return wrong
 
 
 def gpt2_from_hf(hf: dict) -> ModelConfig:
@@ -134,7 +164,6 @@ def gpt2_from_hf(hf: dict) -> ModelConfig:
 
 
 def gpt2_to_hf(cfg: ModelConfig) -> dict:
-    _gpt_checks(cfg, "pre")
     return {"vocab_size": cfg.vocab_size, "n_positions": cfg.context_len, "n_layer": cfg.n_layer,
             "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_inner": cfg.d_ff,
             "layer_norm_epsilon": cfg.norm_eps, "activation_function": _gpt_act(cfg),
@@ -154,35 +183,14 @@ def gpt1_from_hf(hf: dict) -> ModelConfig:
 
 
 def gpt1_to_hf(cfg: ModelConfig) -> dict:
-    _gpt_checks(cfg, "post")
-    if cfg.d_ff != 4 * cfg.n_embd:
-        raise HFError("GPT-1 needs d_ff = 4 * n_embd")
-    if cfg.mlp == "relu":
-        afn = "relu"
-    elif cfg.mlp == "gelu" and cfg.gelu_approx == "tanh":
-        afn = "gelu"
-    else:
-        raise HFError("HF GPT-1 has relu, or gelu as the tanh approximation (gelu_approx=tanh)")
+    afn = cfg.mlp  # relu, or gelu as the tanh approximation (HF GPT-1's "gelu")
     return {"vocab_size": cfg.vocab_size, "n_positions": cfg.context_len, "n_layer": cfg.n_layer,
             "n_head": cfg.n_head, "n_embd": cfg.n_embd, "layer_norm_epsilon": cfg.norm_eps, "afn": afn,
             "tie_word_embeddings": cfg.tie_embeddings, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 
 
-def _gpt_checks(cfg: ModelConfig, placement: str) -> None:
-    _unsupported(cfg, mlp_bias=True)
-    if (cfg.norm, cfg.position, cfg.norm_placement) != ("layernorm", "learned", placement) or \
-            not (cfg.attn_bias and cfg.attn_out_bias and cfg.mlp_bias and cfg.norm_bias) or \
-            cfg.n_kv_head != cfg.n_head or cfg.head_dim * cfg.n_head != cfg.n_embd:
-        raise HFError("GPT-1/GPT-2 need LayerNorm, learned positions, biases everywhere and plain multi-head "
-                      f"attention ({placement}-norm)")
-
-
 def _gpt_act(cfg: ModelConfig) -> str:
-    if cfg.mlp == "relu":
-        return "relu"
-    if cfg.mlp != "gelu":
-        raise HFError(f"GPT-2 has no mlp={cfg.mlp}")
-    return "gelu_new" if cfg.gelu_approx == "tanh" else "gelu"
+    return {"relu": "relu", "gelu": {"tanh": "gelu_new", "none": "gelu"}[cfg.gelu_approx]}[cfg.mlp]
 
 
 def llama_from_hf(hf):
@@ -190,7 +198,6 @@ def llama_from_hf(hf):
 
 
 def llama_to_hf(cfg):
-    _unsupported(cfg, mlp_bias=True)
     return {**_llama_like_to_hf(cfg), "mlp_bias": cfg.mlp_bias}
 
 
@@ -199,10 +206,7 @@ def mistral_from_hf(hf):
 
 
 def mistral_to_hf(cfg):
-    _unsupported(cfg, sliding_window=True)
     hf = _llama_like_to_hf(cfg)
-    if cfg.attn_bias:
-        raise HFError("Mistral has no attention biases")
     hf.pop("attention_bias")
     return {**hf, "sliding_window": cfg.sliding_window}
 
@@ -214,9 +218,6 @@ def qwen3_from_hf(hf):
 
 
 def qwen3_to_hf(cfg):
-    _unsupported(cfg, qk_norm=True)
-    if not cfg.qk_norm:
-        raise HFError("Qwen3 normalises queries and keys: qk_norm must be true")
     return {**_llama_like_to_hf(cfg), "use_sliding_window": False}
 
 
@@ -231,11 +232,6 @@ def gemma_from_hf(hf):
 
 
 def gemma_to_hf(cfg):
-    _unsupported(cfg, norm_unit_offset=True, embed_scale=True)
-    if not (cfg.norm_unit_offset and cfg.embed_scale and cfg.tie_embeddings):
-        raise HFError("Gemma needs norm_unit_offset, embed_scale and tied embeddings")
-    if (cfg.mlp, cfg.gelu_approx) != ("geglu", "tanh"):
-        raise HFError("Gemma's MLP is GeGLU with the tanh approximation")
     return _llama_like_to_hf(cfg)
 
 
@@ -247,10 +243,6 @@ def mixtral_from_hf(hf):
 
 
 def mixtral_to_hf(cfg):
-    _unsupported(cfg, sliding_window=True, n_expert=True)
-    if cfg.n_expert == 0 or cfg.router != "softmax" or cfg.n_shared_expert or cfg.n_dense_layers \
-            or cfg.expert_d_ff != cfg.d_ff or not cfg.router_norm_topk or cfg.routed_scale != 1.0:
-        raise HFError("Mixtral is softmax-routed experts in every layer, renormalised, with no shared experts")
     hf = _llama_like_to_hf(cfg)
     hf.pop("attention_bias")
     return {**hf, "sliding_window": cfg.sliding_window, "num_local_experts": cfg.n_expert,
@@ -274,9 +266,6 @@ def deepseek_from_hf(hf):
 
 
 def deepseek_to_hf(cfg):
-    _unsupported(cfg, n_expert=True, mla=True)
-    if cfg.attention != "mla" or cfg.n_expert == 0 or cfg.router != "sigmoid" or cfg.n_shared_expert < 1:
-        raise HFError("DeepSeek-V3 is latent attention with sigmoid-routed and shared experts")
     hf = _llama_like_to_hf(cfg)
     hf.update({"num_key_value_heads": cfg.n_head, "head_dim": cfg.qk_rope_head_dim,
                "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank,

@@ -18,10 +18,12 @@ class TrainConfig:
     batch_size: int = 12
     grad_accum: int = 1  # micro-batches per optimizer step; the step sees batch_size * grad_accum rows
     max_steps: int = 2000
-    max_seconds: float | None = None  # a wall-clock budget; the schedule then follows elapsed time
+    max_seconds: float | None = None  # training seconds of the whole run (a resume adds to the earlier
+    # sessions' time); the schedule then follows the clock
     lr: float = 1e-3
     min_lr: float | None = None  # None: lr / 10
     warmup_steps: int = 100
+    warmup_frac: float = 0.05  # under max_seconds, warmup ends by this share of the budget at the latest
     schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: hold lr, then decay over cooldown_frac
     cooldown_frac: float = 0.3  # wsd: the final share of the run spent decaying lr linearly to min_lr
     optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the hidden matrices, AdamW for the rest
@@ -59,8 +61,11 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0.0 <= self.cooldown_frac <= 1.0:
-            raise ConfigError(f"cooldown_frac must be in [0, 1], got {self.cooldown_frac}")
+        for name in ("cooldown_frac", "warmup_frac"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ConfigError(f"max_seconds must be positive, got {self.max_seconds}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import CheckpointError
 from ..config import ConfigError, ModelConfig
 from ..data import TokenData
 from ..layers import RouterStats
@@ -36,7 +37,7 @@ from .metrics import MetricsLog, Throughput, measure_peak_flops, plot_runs
 from .objectives import OBJECTIVES, Batch
 from .optim import make_optimizer
 from .parallelize import parallelize
-from .schedule import lr_at, progress, set_lr
+from .schedule import lr_at, set_lr
 from .state import RunFolder, RunState, init_from, restore_optimizer, restore_rng
 
 
@@ -92,14 +93,17 @@ class Trainer:
         given). A run killed before its first checkpoint starts again from step 0."""
         if resume and self.run.has_checkpoints():
             state, saved = self.run.resume(self.model, self.device)
+            budget = self.cfg.max_seconds
+            if budget is not None and state.elapsed >= budget:
+                raise TrainingError(f"{self.out} has already trained {state.elapsed:.1f} s, beyond max_seconds="
+                                    f"{budget:g} (the budget of the whole run): for {budget:g} s more, give "
+                                    f"--set max_seconds={state.elapsed + budget:.0f}")
             if self.dist.is_main:
                 self.run.save_train_config(self.cfg, self.data.folder)
                 self.metrics.truncate(state.step)
             self.dist.barrier()
             return state, saved
         if resume and not self.out.is_dir():
-            from ..checkpoint import CheckpointError
-
             raise CheckpointError(f"{self.out} does not exist: nothing to resume")
         if init_run is not None:
             init_from(init_run, self.model, self.tokenizer, self.device)
@@ -110,6 +114,14 @@ class Trainer:
     @property
     def step(self) -> int:
         return self.state.step
+
+    def budget_note(self) -> str | None:
+        """The time budget in words (max_seconds counts the whole run, earlier sessions included)."""
+        budget, spent = self.cfg.max_seconds, self.state.elapsed
+        if budget is None:
+            return None
+        return (f"time budget {budget:g} s of training for the whole run"
+                + (f" ({spent:.1f} s spent, {budget - spent:.1f} s left)" if spent else ""))
 
     # ---- the loop ------------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -157,7 +169,7 @@ class Trainer:
     def train_step(self) -> bool:
         """One optimizer step; False when its loss was not finite (the step is then skipped)."""
         cfg, state = self.cfg, self.state
-        lr = lr_at(cfg, state.step, progress(cfg, state.step, self.elapsed()))
+        lr = lr_at(cfg, state.step, self.elapsed())
         set_lr(self.optimizer, cfg, lr)
         local, stats = 0.0, None
         for i, micro in enumerate(self.micros):
@@ -215,11 +227,14 @@ class Trainer:
                 "expert_balance": last["expert_balance"]}
 
     def _finish(self, stop_reason: str) -> dict:
+        state = self.state
+        if state.last_eval.get("step") != state.step:  # the final evaluation, in metrics.csv too
+            row = self._log_row() if self.last else None
+            self.evaluate(row)
+            if row is not None:
+                self.metrics.log(row)
         self.bar.close()
         self.bar = None
-        state = self.state
-        if state.last_eval.get("step") != state.step:
-            self.evaluate(None)
         self.save()
         if self.dist.is_main and self.cfg.plot:
             self.plot()

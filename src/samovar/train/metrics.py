@@ -25,6 +25,7 @@ class MetricsLog:
     def __init__(self, run: Path, main: bool):
         self.file = run / "metrics.csv"
         self.main = main
+        self.last_step = 0  # of the last row written
         self.writer = None
         if main:
             try:
@@ -38,6 +39,7 @@ class MetricsLog:
         """A new file holding the header only."""
         if self.main:
             ckpt.atomic_write_text(self.file, ",".join(COLUMNS) + "\n")
+        self.last_step = 0
 
     def truncate(self, step: int) -> None:
         """Keep the complete rows up to `step`, in step order; a resumed run logs the rest again
@@ -59,10 +61,15 @@ class MetricsLog:
         writer.writeheader()
         writer.writerows(kept)
         ckpt.atomic_write_text(self.file, buf.getvalue())
+        self.last_step = last
 
     def log(self, row: dict) -> None:
+        """Append a row; a second row for the same step (the final evaluation's) replaces the first."""
         if not self.main:
             return
+        if row["step"] == self.last_step:
+            self.truncate(row["step"] - 1)
+        self.last_step = row["step"]
         with self.file.open("a", newline="") as f:
             csv.DictWriter(f, COLUMNS, lineterminator="\n").writerow(
                 {k: ("" if row.get(k) is None else row[k]) for k in COLUMNS})
@@ -124,10 +131,21 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> None:
 
 
 def run_summary(run: str | Path) -> dict:
-    """Best val loss, steps and tokens of a run folder, from its metrics."""
+    """Steps, tokens, best val loss and time of a run folder: its latest checkpoint's counters (what a
+    resume continues from), else its metrics; and the last logged training loss."""
     rows = read_metrics(run)
     vals = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
+    losses = [float(r["loss"]) for r in rows if r.get("loss")]
     last = rows[-1] if rows else {}
-    return {"run": str(run), "steps": int(last.get("step") or 0), "tokens": int(last.get("tokens") or 0),
-            "best_val_loss": min(vals) if vals else None, "last_loss": float(last["loss"]) if last else None,
-            "elapsed_s": float(last.get("elapsed_s") or 0)}
+    summary = {"run": str(run), "steps": int(last.get("step") or 0), "tokens": int(last.get("tokens") or 0),
+               "best_val_loss": min(vals) if vals else None, "last_loss": losses[-1] if losses else None,
+               "elapsed_s": float(last.get("elapsed_s") or 0)}
+    checkpoints = ckpt.list_checkpoints(Path(run))
+    if checkpoints:
+        try:
+            state = ckpt.read_json(checkpoints[-1] / "trainer_state.json", "trainer state")
+            summary.update(steps=state["step"], tokens=state["tokens_seen"], elapsed_s=state["elapsed_s"],
+                           best_val_loss=state["best_val_loss"])
+        except (ckpt.CheckpointError, KeyError):
+            pass  # a damaged checkpoint: the metrics' figures
+    return summary

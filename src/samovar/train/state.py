@@ -37,13 +37,16 @@ class RunState:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed,
                 "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
                 "bad_evals": self.bad_evals, "world_size": world_size,
-                **{k: v for k, v in self.last_eval.items() if k != "step"}}
+                **{k: v for k, v in self.last_eval.items() if k != "step"},
+                **({"eval_step": self.last_eval["step"]} if self.last_eval else {})}
 
     @classmethod
     def from_json(cls, d: dict) -> "RunState":
+        last_eval = ({"step": d["eval_step"], "train_loss": d["train_loss"], "val_loss": d["val_loss"]}
+                     if "eval_step" in d else {})
         return cls(step=d["step"], tokens_seen=d["tokens_seen"], elapsed=d["elapsed_s"],
                    best_val=math.inf if d["best_val_loss"] is None else d["best_val_loss"],
-                   bad_evals=d["bad_evals"])
+                   bad_evals=d["bad_evals"], last_eval=last_eval)
 
 
 class RunFolder:

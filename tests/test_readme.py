@@ -1,0 +1,74 @@
+"""The README's tour, run as written (in its order, with small budgets appended), and its Python API
+snippet pasted as it is: the README cannot drift from the code."""
+
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, SHARED_DATA
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+# appended to each command of a kind (argparse: the last value given wins), to keep the tour small
+SMALL = {
+    "train": ["--set", "max_steps=6", "--set", "eval_interval=3", "--set", "eval_steps=2", "--set", "batch_size=4",
+              "--set", "n_layer=1", "--set", "n_embd=64", "--set", "n_head=2", "--set", "context_len=64",
+              "--set", "device=cpu", "--set", "peak_flops=0"],
+    "resume": ["--set", "max_steps=9"],  # a model field cannot change on resume
+    "generate": ["--max-tokens", "8"],
+    "demo": ["--minutes", "0.03", "--max-tokens", "20"],
+}
+
+
+def block(after: str, language: str) -> str:
+    """The first ```language block after the heading `after`."""
+    return README.split(after, 1)[1].split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+def commands(text: str) -> list[list[str]]:
+    """The shell commands of a block: continuation lines joined, comments dropped."""
+    joined = text.replace("\\\n", " ")
+    return [words for line in joined.splitlines() if (words := shlex.split(line, comments=True))]
+
+
+@pytest.fixture(scope="module")
+def toured(tmp_path_factory):
+    if not (SHARED_DATA / "tinyshakespeare" / "input.txt").exists():
+        pytest.skip("the tour reads ../shared/data")
+    root = tmp_path_factory.mktemp("tour")
+    (root / "shared").symlink_to(SHARED_DATA.parent)
+    work = root / "work"  # so that ../shared/data is where the README says
+    work.mkdir()
+    env = {**os.environ, "SAMOVAR_CACHE": str(root / "cache")}
+    ran = []
+    for words in commands(block("## A tour of the command line", "sh")):
+        if words[0] != "samovar":
+            assert words[:2] == ["source", ".venv/bin/activate"], words
+            continue
+        kind = "resume" if "--resume" in words else words[1]
+        result = subprocess.run([sys.executable, "-m", *words, *SMALL.get(kind, [])], cwd=work, env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"{shlex.join(words)}\n{result.stderr}"
+        ran.append((words, result.stdout))
+    return work, ran
+
+
+def test_the_tour_runs_as_written(toured):
+    work, ran = toured
+    kinds = [words[1] for words, _ in ran]
+    assert {"presets", "prepare", "train", "generate", "demo", "runs", "export"} <= set(kinds)
+    resumed = next(out for words, out in ran if "--resume" in words)
+    assert "resuming at step 6" in resumed and "done: step 9" in resumed
+    assert (work / "export" / "shakespeare" / "config.json").exists()
+    assert (work / "runs" / "demo" / "run").is_dir() and (work / "runs" / "demo" / "run-2").is_dir()
+
+
+def test_the_python_api_snippet_runs_as_pasted(toured):
+    work, _ = toured
+    code = block("## The Python API", "python")
+    result = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
