@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from samovar.config import ConfigError, get_preset
-from samovar.data import encode_pairs, pair_batch, prepare
+from samovar.data import masked_batch, pair_examples, prepare
 from samovar.lstm import Seq2SeqLSTM
 from samovar.model import count_parameters
 from samovar.tokenizer import Tokenizer
@@ -26,13 +26,13 @@ def test_pair_batches_mask_exactly_the_answers(tok):
     from samovar.data import qa_pairs
 
     pairs = qa_pairs(QA)[:3]
-    ids, index = encode_pairs(tok, pairs, "qa")
-    x, y, mask = pair_batch(ids, index, [0, 2], context_len=128)
+    ids, learn, index = pair_examples(tok, pairs, "qa")
+    x, y, mask = masked_batch(ids, learn, index, [0, 2], context_len=128)
     for b, i in enumerate([0, 2]):
         prompt, answer = pairs[i]
         assert tok.decode(x[b][: mask[b].sum() + len(tok.encode(prompt)) - 1].tolist()) .startswith(prompt)
         assert tok.decode(y[b][mask[b]].tolist()) == " " + answer + "\n" + "<|eos|>"
-    short_x, _, short_mask = pair_batch(ids, index, [0], context_len=12)  # long prompts lose their start
+    short_x, _, short_mask = masked_batch(ids, learn, index, [0], context_len=12)  # long prompts lose their start
     assert short_x.shape[1] <= 12 and short_mask[0, -1]
 
 
@@ -42,11 +42,11 @@ def test_lstm_learns_answers_and_generates(tok):
     cfg = get_preset("lstm-seq2seq").replace(vocab_size=tok.vocab_size, n_embd=64, dropout=0.0)
     torch.manual_seed(0)
     model = Seq2SeqLSTM(cfg)
-    ids, index = encode_pairs(tok, qa_pairs(QA), "qa")
+    examples = pair_examples(tok, qa_pairs(QA), "qa")
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     first = None
     for step in range(60):
-        x, y, mask = pair_batch(ids, index, range((step * 16) % 280, (step * 16) % 280 + 16), 128)
+        x, y, mask = masked_batch(*examples, range((step * 16) % 280, (step * 16) % 280 + 16), 128)
         loss = model(x, y, loss_mask=mask)
         first = first if first is not None else loss.item()
         opt.zero_grad()
@@ -80,7 +80,7 @@ def test_sft_and_lstm_refusals(tmp_path):
     lstm = get_preset("lstm-seq2seq").replace(vocab_size=64)
     with pytest.raises(ConfigError, match="set objective=sft"):
         Trainer(lstm, TrainConfig(), tmp_path / "plain", tmp_path / "r1")
-    with pytest.raises(ConfigError, match="needs prompt/answer pairs"):
+    with pytest.raises(ConfigError, match="needs conversations or prompt/answer pairs"):
         Trainer(lstm, TrainConfig(objective="sft"), tmp_path / "plain", tmp_path / "r2")
 
 

@@ -57,7 +57,7 @@ def test_each_objective_refuses_what_it_cannot_train(qa_data, char_data):
     with pytest.raises(ConfigError, match="set objective=sft"):
         OBJECTIVES["lm"]().check(lstm, qa_data)
     OBJECTIVES["sft"]().check(lstm, qa_data)  # pairs: fine
-    with pytest.raises(ConfigError, match="needs prompt/answer pairs"):
+    with pytest.raises(ConfigError, match="needs conversations or prompt/answer pairs"):
         OBJECTIVES["sft"]().check(Transformer(get_preset("gpt2-tiny")), TokenData.open(char_data))
 
 

@@ -18,6 +18,9 @@ SMALL = {
               "--set", "n_layer=1", "--set", "n_embd=64", "--set", "n_head=2", "--set", "context_len=64",
               "--set", "device=cpu", "--set", "peak_flops=0"],
     "resume": ["--set", "max_steps=9"],  # a model field cannot change on resume
+    "init": ["--set", "max_steps=4", "--set", "eval_interval=4", "--set", "eval_steps=2", "--set", "batch_size=2",
+             "--set", "device=cpu", "--set", "peak_flops=0"],  # nor on fine-tuning
+    "chat": ["--max-tokens", "8"],
     "generate": ["--max-tokens", "8"],
     "demo": ["--minutes", "0.03", "--max-tokens", "20"],
 }
@@ -34,6 +37,25 @@ def commands(text: str) -> list[list[str]]:
     return [words for line in joined.splitlines() if (words := shlex.split(line, comments=True))]
 
 
+def run_block(heading: str, work, env) -> list[tuple[list[str], str]]:
+    """Each command of the README's first sh block under `heading`, in order, with SMALL appended."""
+    ran = []
+    for words in commands(block(heading, "sh")):
+        given = ""
+        if "|" in words:  # echo TEXT | samovar ...: TEXT on stdin
+            bar = words.index("|")
+            given, words = " ".join(words[1:bar]) + "\n", words[bar + 1:]
+        if words[0] != "samovar":
+            assert words[:2] == ["source", ".venv/bin/activate"], words
+            continue
+        kind = "resume" if "--resume" in words else "init" if "--init-from" in words else words[1]
+        result = subprocess.run([sys.executable, "-m", *words, *SMALL.get(kind, [])], cwd=work, env=env,
+                                input=given, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"{shlex.join(words)}\n{result.stderr}"
+        ran.append((words, result.stdout))
+    return ran
+
+
 @pytest.fixture(scope="module")
 def toured(tmp_path_factory):
     if not (SHARED_DATA / "tinyshakespeare" / "input.txt").exists():
@@ -43,21 +65,11 @@ def toured(tmp_path_factory):
     work = root / "work"  # so that ../shared/data is where the README says
     work.mkdir()
     env = {**os.environ, "SAMOVAR_CACHE": str(root / "cache")}
-    ran = []
-    for words in commands(block("## A tour of the command line", "sh")):
-        if words[0] != "samovar":
-            assert words[:2] == ["source", ".venv/bin/activate"], words
-            continue
-        kind = "resume" if "--resume" in words else words[1]
-        result = subprocess.run([sys.executable, "-m", *words, *SMALL.get(kind, [])], cwd=work, env=env,
-                                capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, f"{shlex.join(words)}\n{result.stderr}"
-        ran.append((words, result.stdout))
-    return work, ran
+    return work, run_block("## A tour of the command line", work, env), env
 
 
 def test_the_tour_runs_as_written(toured):
-    work, ran = toured
+    work, ran, _ = toured
     kinds = [words[1] for words, _ in ran]
     assert {"presets", "prepare", "train", "generate", "demo", "runs", "export"} <= set(kinds)
     resumed = next(out for words, out in ran if "--resume" in words)
@@ -66,8 +78,16 @@ def test_the_tour_runs_as_written(toured):
     assert (work / "runs" / "demo" / "run").is_dir() and (work / "runs" / "demo" / "run-2").is_dir()
 
 
+def test_the_chat_bot_section_runs_as_written(toured):
+    work, _, env = toured
+    ran = run_block("## A chat bot of your own", work, env)
+    scripted = ran[-1][1]
+    assert ran[-1][0][:2] == ["samovar", "chat"] and len(scripted.splitlines()) == 1  # one line in, one out
+    assert (work / "runs" / "chat" / "tokenizer_config.json").exists()
+
+
 def test_the_python_api_snippet_runs_as_pasted(toured):
-    work, _ = toured
+    work, _, _ = toured
     code = block("## The Python API", "python")
     result = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

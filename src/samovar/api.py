@@ -6,6 +6,9 @@
     llm = samovar.LLM.from_path("runs/shakespeare")
     for piece in llm.stream("ROMEO:", max_tokens=200):
         print(piece, end="", flush=True)
+
+    bot = samovar.LLM.from_path("runs/chat")          # a model fine-tuned on conversations
+    print(bot.chat([{"role": "user", "content": "Привет!"}], temperature=0))
 """
 
 from __future__ import annotations
@@ -89,12 +92,30 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_tokens: 
     """The continuation of `prompt` as text, without the prompt (`samovar generate` prints the prompt,
     then this), or an iterator of text pieces when stream=True. Temperature 0 is greedy; generation stops at the eos token unless ignore_eos is set.
     compile: decode through the compiled one-token step (its first use compiles it)."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=seed, ignore_eos=ignore_eos)
-    params.validate()
     if tokenizer is None:
         raise GenerationError("this checkpoint has no tokenizer.json; copy the model's tokenizer.json into it")
-    ids = prompt_ids(tokenizer, prompt)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, ignore_eos=ignore_eos)
+    return _continue(model, tokenizer, prompt_ids(tokenizer, prompt), params, stream, compile)
+
+
+def chat(model: Transformer, tokenizer: Tokenizer, messages: list[dict], max_tokens: int = 256,
+         temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+         seed: int | None = None, stream: bool = False, compile: bool = False):
+    """The assistant's reply to `messages` (the conversation so far) as text, or an iterator of text
+    pieces when stream=True: the conversation rendered with the tokenizer's chat template and a
+    generation prompt, continued until the end-of-turn token (the eos)."""
+    from .chat import render
+
+    if tokenizer is None:
+        raise GenerationError("this checkpoint has no tokenizer.json; copy the model's tokenizer.json into it")
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    return _continue(model, tokenizer, render(tokenizer, messages, add_generation_prompt=True)[0], params,
+                     stream, compile)
+
+
+def _continue(model, tokenizer: Tokenizer, ids: list[int], params: SamplingParams, stream: bool, compile: bool):
+    params.validate()
     stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     pieces = stream_text(tokenizer, new_ids(model, ids, params, stop, vocab_limit=tokenizer.vocab_size,
                                             compile=compile))
@@ -120,6 +141,13 @@ class LLM:
 
     def stream(self, prompt: str, **kwargs) -> Iterator[str]:
         return generate(self.model, self.tokenizer, prompt, stream=True, **kwargs)
+
+    def chat(self, messages: list[dict], **kwargs) -> str:
+        """The assistant's reply to the conversation `messages` ({"role", "content"} dicts)."""
+        return chat(self.model, self.tokenizer, messages, stream=False, **kwargs)
+
+    def chat_stream(self, messages: list[dict], **kwargs) -> Iterator[str]:
+        return chat(self.model, self.tokenizer, messages, stream=True, **kwargs)
 
     def save(self, folder: str | Path) -> Path:
         return ckpt.save_checkpoint(folder, self.model, self.tokenizer)

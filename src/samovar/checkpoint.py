@@ -7,6 +7,7 @@
       metrics.csv, loss.png
       checkpoints/step-000500/    one complete checkpoint, renamed into place when fully written
         model.safetensors  config.json  tokenizer.json  trainer_state.json  optimizer.pt
+        (tokenizer_config.json too, with the chat template, for a chat model)
 
 A checkpoint folder is first written as `checkpoints/.tmp-*`, flushed to disk, then renamed: a crash
 at any moment leaves either the old set of checkpoints or the new one, never half a folder.
@@ -113,6 +114,8 @@ def save_checkpoint(folder: str | Path, model, tokenizer, trainer_state: dict | 
         (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         if tokenizer is not None:
             (tmp / "tokenizer.json").write_text(tokenizer.hf.to_str(pretty=True))
+            if tokenizer.chat_template is not None:  # and the chat template, where HF keeps it
+                (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer.hf_config(), indent=2) + "\n")
         if trainer_state is not None:
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
         if optimizer_state is not None:

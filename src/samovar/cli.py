@@ -24,6 +24,7 @@ from .config import PRESETS, ConfigError, ModelConfig, format_count
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
+    from .chat import ChatError
     from .checkpoint import CheckpointError
     from .data import DataError
     from .data.shakespeare import DemoError
@@ -34,7 +35,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .tokenizer import TokenizerError
     from .train import TrainingError
 
-    return (ConfigError, HFError, DataError, TokenizerError, CheckpointError, GenerationError,
+    return (ConfigError, ChatError, HFError, DataError, TokenizerError, CheckpointError, GenerationError,
             RuntimeConfigError, TrainingError, DemoError, QuantizationError, FileNotFoundError, PermissionError)
 
 
@@ -69,14 +70,22 @@ def cmd_presets(args) -> None:
 def cmd_prepare(args) -> None:
     from .data import prepare
 
+    from .data import ReadOptions
+
     kwargs = {"special_tokens": ()} if args.no_special_tokens else {}
+    options = ReadOptions(strict=args.strict, question=args.question_column, answer=args.answer_column,
+                          assistant=args.assistant, gap_hours=args.gap_hours)
     meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                   val_fraction=args.val_fraction, context_len=args.context_len, pairs=args.pairs, **kwargs)
-    pairs = meta.get("pairs")
+                   val_fraction=args.val_fraction, context_len=args.context_len, pairs=args.pairs,
+                   chat=args.chat, chat_options=options, **kwargs)
+    examples = meta.get("examples")
+    what = "" if examples is None else (f", {examples['train']:,} + {examples['val']:,} "
+                                        + (f"{examples['format']} pairs" if examples["kind"] == "pairs" else "conversations"))
     print(f"{meta['tokenizer']} tokenizer, vocabulary {meta['vocab_size']}: "
           f"{meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({meta['dtype']}) "
-          f"from {len(meta['sources'])} file(s)"
-          + (f", {pairs['train']:,} + {pairs['val']:,} {pairs['format']} pairs" if pairs else "") + f" -> {args.out}")
+          f"from {len(meta['sources'])} file(s){what} -> {args.out}")
+    if examples and examples.get("skipped"):
+        print(f"skipped {examples['skipped']:,} malformed lines or rows, e.g. {examples['problems'][0]}")
 
 
 def cmd_train(args) -> None:
@@ -126,6 +135,86 @@ def cmd_generate(args) -> None:
         sys.stdout.write("\n")
     else:
         print(args.prompt + generate(model, tokenizer, args.prompt, **kwargs))
+
+
+CHAT_HELP = "/reset  /system TEXT  /save FILE  /load FILE  /exit   (Ctrl-C stops an answer)"
+
+
+def cmd_chat(args) -> None:
+    from .api import LLM
+    from .chat import ChatError, ChatSession
+
+    llm = LLM.from_path(args.run, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    if llm.tokenizer is None or llm.tokenizer.chat_template is None:
+        raise ChatError(f"{args.run} has no chat template: fine-tune it on conversations first "
+                        "(samovar prepare --chat FORMAT ..., then train with objective=sft)")
+    session = ChatSession(llm.tokenizer, llm.model.config.context_len, args.system)
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed, compile=args.compile)
+    terminal = sys.stdin.isatty()
+    if terminal:
+        print(f"chatting with {args.run}: {CHAT_HELP}")
+    for text in chat_lines(terminal):
+        if text.startswith("/"):
+            if not chat_command(session, text):
+                return
+            continue
+        messages, dropped = session.prompt(text, args.max_tokens)
+        if dropped:
+            print(f"(the {dropped} oldest turns no longer fit the context and were dropped)", file=sys.stderr)
+        pieces = []
+        try:
+            for piece in llm.chat_stream(messages, **sampling):
+                pieces.append(piece)
+                if terminal:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            pieces.append(" ...")
+        session.answered("".join(pieces))
+        print("" if terminal else " ".join("".join(pieces).split("\n")), flush=True)
+
+
+def chat_lines(terminal: bool):
+    """The user's lines: typed at a prompt (Ctrl-C there starts a new line, Ctrl-D ends), or one a line of stdin."""
+    if not terminal:
+        yield from (line.strip() for line in sys.stdin if line.strip())
+        return
+    while True:
+        try:
+            line = input("> ").strip()
+        except KeyboardInterrupt:
+            print()
+            continue
+        except EOFError:
+            print()
+            return
+        if line:
+            yield line
+
+
+def chat_command(session, text: str) -> bool:
+    """Run a /command of the chat; False for /exit."""
+    name, _, rest = text.partition(" ")
+    rest = rest.strip()
+    if name == "/exit":
+        return False
+    if name == "/reset":
+        session.reset()
+        print("(a new conversation)", file=sys.stderr)
+    elif name == "/system":
+        session.system = rest or None
+        print("(system prompt " + ("set)" if rest else "removed)"), file=sys.stderr)
+    elif name in ("/save", "/load") and rest:
+        try:
+            session.save(rest) if name == "/save" else session.load(rest)
+        except (OSError, ValueError) as e:
+            print(f"samovar: {name}: {e}", file=sys.stderr)
+        else:
+            print(f"({'saved to' if name == '/save' else 'loaded'} {rest})", file=sys.stderr)
+    else:
+        print(f"commands: {CHAT_HELP}", file=sys.stderr)
+    return True
 
 
 def load_for_eval(run, args, quantize: str | None = None):
@@ -259,12 +348,15 @@ def decode_options(s) -> None:
 
 
 def sampling_options(s) -> None:
-    s.add_argument("--prompt", default="", help="the text to continue (printed first, then its continuation)")
     s.add_argument("--max-tokens", type=int, default=256)
     s.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--top-p", type=float, default=None)
     s.add_argument("--seed", type=int, default=None)
+
+
+def prompt_options(s) -> None:
+    s.add_argument("--prompt", default="", help="the text to continue (printed first, then its continuation)")
     s.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     s.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
 
@@ -276,6 +368,10 @@ def eval_options(s) -> None:
                    help="qa and dialogue add BLEU/chrF of generated answers; auto detects the format")
     s.add_argument("--max-examples", type=int, default=100, help="answers to generate for BLEU/chrF")
     s.add_argument("--max-tokens", type=int, default=None, help="evaluate the loss on the first N tokens only")
+
+
+def chat_arguments(s) -> None:
+    s.add_argument("--system", default=None, help="the system prompt")
 
 
 def run_argument(s) -> None:
@@ -292,7 +388,17 @@ def prepare_arguments(s) -> None:
     s.add_argument("--context-len", type=int, default=None, help="fail unless each split holds a context")
     s.add_argument("--no-special-tokens", action="store_true", help="no bos/eos/pad (a pure char vocabulary)")
     s.add_argument("--pairs", choices=["qa", "dialogue"], default=None,
-                   help="also write prompt/answer pairs (T:/Q:/A: blocks or '- ' dialogues) for objective=sft")
+                   help="prompt/answer pairs of plain text (T:/Q:/A: blocks or '- ' dialogues) for objective=sft")
+    s.add_argument("--chat", metavar="FORMAT", default=None,
+                   help="conversations for objective=sft, rendered with the chat template (the tokenizer gains "
+                        "its role tokens): openai or sharegpt JSONL, columns (CSV/Parquet), a telegram export "
+                        "(result.json), '- ' dialogues, qa (T:/Q:/A:); auto tells them apart")
+    s.add_argument("--strict", action="store_true", help="refuse a malformed line or row instead of skipping it")
+    s.add_argument("--question-column", default="question", help="--chat columns: the question column")
+    s.add_argument("--answer-column", default="answer", help="--chat columns: the answer column")
+    s.add_argument("--assistant", default=None, help="--chat telegram: the sender (name or id) who is the assistant")
+    s.add_argument("--gap-hours", type=float, default=4.0,
+                   help="--chat telegram: a longer silence starts a new conversation")
 
 
 def train_arguments(s) -> None:
@@ -369,7 +475,9 @@ COMMANDS = [
     ("prepare", cmd_prepare, "tokenize text files into train.bin / val.bin", (prepare_arguments,)),
     ("train", cmd_train, "train a model on prepared data", (train_arguments, sets_option)),
     ("generate", cmd_generate, "generate text from a trained run (prints the prompt, then its continuation)",
-     (run_argument, sampling_options, device_options, decode_options)),
+     (run_argument, prompt_options, sampling_options, device_options, decode_options)),
+    ("chat", cmd_chat, "chat in the terminal with a model fine-tuned on conversations (it keeps the conversation)",
+     (run_argument, chat_arguments, sampling_options, device_options, decode_options)),
     ("eval", cmd_eval, "loss, perplexity, bits per byte, BLEU/chrF and latency of a run",
      (run_argument, eval_arguments, device_options, decode_options)),
     ("compare", cmd_compare, "evaluate several runs on the same data: a table and a bar chart",

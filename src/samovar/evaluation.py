@@ -21,23 +21,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import (PAIR_FORMATS, DataError, TokenData, detect_task, encode_pairs, find_files, pair_batch,
+from .data import (PAIR_FORMATS, DataError, TokenData, detect_task, find_files, masked_batch, pair_examples,
                    read_documents)
 
 
 # ---- answers of prompt/answer pairs ---------------------------------------------------------------------
 @torch.inference_mode()
-def answer_metrics(model, ids, index, batch_size: int = 32) -> dict:
-    """Mean loss and perplexity of the answers given their prompts, over every pair: comparable
-    between a decoder-only Transformer and the LSTM encoder-decoder."""
+def answer_metrics(model, ids, mask, index, batch_size: int = 32) -> dict:
+    """Mean loss and perplexity of the tokens to learn (the answers, the assistant's turns) of masked
+    examples, given what precedes them: comparable between a decoder-only Transformer and the LSTM
+    encoder-decoder."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for b in range(0, len(index), batch_size):
-        x, y, mask = pair_batch(ids, index, range(b, min(b + batch_size, len(index))), model.config.context_len)
-        n = int(mask.sum())
-        total += model(x.to(device), y.to(device), loss_mask=mask.to(device)).item() * n
+        x, y, learn = masked_batch(ids, mask, index, range(b, min(b + batch_size, len(index))), model.config.context_len)
+        n = int(learn.sum())
+        total += model(x.to(device), y.to(device), loss_mask=learn.to(device)).item() * n
         count += n
     model.train(was_training)
     return {"answer_loss": total / count, "answer_perplexity": math.exp(min(total / count, 700)),
@@ -167,7 +168,7 @@ def evaluate(llm, data: str | Path, task: str = "auto", max_examples: int = 100,
         pairs = PAIR_FORMATS[task](text)
         if not pairs:
             raise DataError(f"no {task} examples found in {data}")
-        result.update(answer_metrics(llm.model, *encode_pairs(llm.tokenizer, pairs, task)))
+        result.update(answer_metrics(llm.model, *pair_examples(llm.tokenizer, pairs, task)))
         if max_examples > 0:
             step = max(1, len(pairs) // max_examples)  # spread the examples over the file
             result.update(generation_metrics(lm_answer(llm), pairs[::step][:max_examples]))

@@ -105,8 +105,9 @@ def build_configs(preset: str | None, file_values: dict, sets: dict, data_vocab:
             train_changes[key] = parse_field_value(TrainConfig, key, value)
         else:
             raise unknown_key(key, MODEL_KEYS | TRAIN_KEYS)
-    if "vocab_size" not in model_changes and data_vocab is not None and base is None:
-        model_changes["vocab_size"] = data_vocab  # the preset's shape, the data's vocabulary
+    if "vocab_size" not in model_changes and data_vocab is not None and \
+            (base is None or data_vocab > base.vocab_size):
+        model_changes["vocab_size"] = data_vocab  # the preset's shape (or a grown one's), the data's vocabulary
     return model_cfg.replace(**model_changes), (train_base or TrainConfig()).replace(**train_changes)
 
 

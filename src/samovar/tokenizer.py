@@ -10,6 +10,8 @@ Every kind is a `tokenizers.Tokenizer` underneath, so the saved file loads in HF
 | bpe  | BPE       | GPT-2's byte-level split (ByteLevel)     | exact for any UTF-8 text             |
 
 Special tokens: bos, eos, pad (and unk for char and word) are found by their conventional strings.
+A chat model's tokenizer also has a chat template (chat.py), saved as HF saves it: in
+tokenizer_config.json beside tokenizer.json, with the role tokens.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ class TokenizerError(ValueError):
 class Tokenizer:
     """A thin, typed wrapper over `tokenizers.Tokenizer` (the `hf` attribute)."""
 
-    def __init__(self, hf: HFTokenizer, roles: dict[str, str] | None = None):
+    def __init__(self, hf: HFTokenizer, roles: dict[str, str] | None = None, chat_template: str | None = None):
         self.hf = hf
+        self.chat_template = chat_template  # a Jinja chat template (chat.py), or None
         model = json.loads(hf.to_str())
         self.kind = _kind_of(model)
         vocab = hf.get_vocab(with_added_tokens=True)
@@ -130,7 +133,7 @@ class Tokenizer:
             hf = HFTokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises bare Exceptions for unreadable JSON
             raise TokenizerError(f"cannot load tokenizer from {file}: {str(e).splitlines()[0]}") from None
-        roles = {}
+        roles, template = {}, None
         config_file = file.parent / "tokenizer_config.json"
         if config_file.exists():
             try:
@@ -143,12 +146,32 @@ class Tokenizer:
                     value = value.get("content")
                 if value:
                     roles[role] = value
-        return cls(hf, roles)
+            template = cfg.get("chat_template")
+            if isinstance(template, list):  # named templates: the default one
+                template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template is None and (file.parent / "chat_template.jinja").exists():  # transformers' newer layout
+            template = (file.parent / "chat_template.jinja").read_text(encoding="utf-8")
+        return cls(hf, roles, template)
 
     def save(self, path: str | Path) -> None:
+        """tokenizer.json at `path`; with a chat template, also tokenizer_config.json beside it."""
         from .checkpoint import atomic_write_text
 
+        path = Path(path)
         atomic_write_text(path, self.hf.to_str(pretty=True))
+        if self.chat_template is not None:
+            atomic_write_text(path.parent / "tokenizer_config.json", json.dumps(self.hf_config(), indent=2) + "\n")
+
+    def hf_config(self) -> dict:
+        """What transformers reads from tokenizer_config.json: the role tokens and the chat template."""
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+               "add_bos_token": False, "add_eos_token": False}
+        for role in ("bos", "eos", "pad", "unk"):
+            if self.token_id(self.roles.get(role)) is not None:
+                cfg[f"{role}_token"] = self.roles[role]
+        if self.chat_template is not None:
+            cfg["chat_template"] = self.chat_template
+        return cfg
 
     # ---- use -----------------------------------------------------------------------------------------
     @property

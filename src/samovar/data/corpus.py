@@ -37,15 +37,7 @@ def read_documents(files: list[Path]) -> list[str]:
         if file.suffix.lower() == ".parquet":
             docs.extend(_parquet_texts(file))
             continue
-        raw = file.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            if b"\0" in raw[:65536]:  # text in any 8-bit encoding has no NUL bytes; images and archives do
-                raise DataError(f"{file} looks binary (it holds NUL bytes), not text: give text files") from None
-            raise DataError(f"{file} is not UTF-8 text (bad byte at offset {e.start}); "
-                            "convert it first, e.g. iconv -f cp1251 -t utf-8") from None
-        text = text.removeprefix("\ufeff").replace("\r\n", "\n")
+        text = read_text(file)
         if file.suffix.lower() == ".jsonl":
             docs.extend(_jsonl_texts(file, text))
         elif text.strip():
@@ -53,6 +45,19 @@ def read_documents(files: list[Path]) -> list[str]:
     if not any(d.strip() for d in docs):
         raise DataError("the corpus is empty: no text in " + ", ".join(str(f) for f in files[:3]))
     return docs
+
+
+def read_text(file: Path) -> str:
+    """A UTF-8 text file (its BOM dropped, CRLF as LF), or one clear error for a binary or other-encoded one."""
+    raw = file.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if b"\0" in raw[:65536]:  # text in any 8-bit encoding has no NUL bytes; images and archives do
+            raise DataError(f"{file} looks binary (it holds NUL bytes), not text: give text files") from None
+        raise DataError(f"{file} is not UTF-8 text (bad byte at offset {e.start}); "
+                        "convert it first, e.g. iconv -f cp1251 -t utf-8") from None
+    return text.removeprefix("\ufeff").replace("\r\n", "\n")
 
 
 def _jsonl_texts(file: Path, text: str) -> list[str]:

@@ -1,18 +1,14 @@
-"""Question/answer (`T:`/`Q:`/`A:` blocks) and dialogue ("- " turns) files as prompt/answer pairs,
-stored as ids with an index, and batched with a mask over the answer tokens for objective=sft."""
+"""Question/answer (`T:`/`Q:`/`A:` blocks) and dialogue ("- " turns) files as prompt/answer pairs of
+plain text (no chat template: for any model, the LSTM baseline included), stored as masked examples
+(conversations.py) for objective=sft, with the mask over the answer tokens."""
 
 from __future__ import annotations
 
-import io
 import re
-from pathlib import Path
 
 import numpy as np
-import torch
 
-from ..checkpoint import atomic_write_bytes
 from ..tokenizer import Tokenizer
-from .corpus import DataError
 
 
 def qa_pairs(text: str) -> list[tuple[str, str]]:
@@ -52,57 +48,16 @@ def detect_task(text: str) -> str:
 PAIR_FORMATS = {"qa": qa_pairs, "dialogue": dialogue_pairs}
 
 
-def write_pairs(tok: Tokenizer, docs: list[str], fmt: str, out: Path, val_fraction: float, dtype) -> dict:
-    """Prompt/answer pairs for supervised fine-tuning: {split}_pairs.bin holds the ids of each pair
-    (prompt, then " answer" and a newline, then eos when the tokenizer has one), and
-    {split}_pairs.npy the (start, answer start, end) of each pair in it. The last val_fraction of
-    the pairs is the validation split."""
-    pairs = [pair for doc in docs for pair in PAIR_FORMATS[fmt](doc)]
-    if len(pairs) < 2:
-        raise DataError(f"found {len(pairs)} {fmt} pairs: is this a {fmt} file?")
-    n_val = max(1, int(len(pairs) * val_fraction))
-    counts = {}
-    for split, chunk in (("train", pairs[:-n_val]), ("val", pairs[-n_val:])):
-        ids, index = encode_pairs(tok, chunk, fmt)
-        atomic_write_bytes(out / f"{split}_pairs.bin", np.asarray(ids, dtype=dtype).tobytes())
-        buf = io.BytesIO()
-        np.save(buf, index)
-        atomic_write_bytes(out / f"{split}_pairs.npy", buf.getvalue())
-        counts[split] = len(chunk)
-    return counts
-
-
-def encode_pairs(tok: Tokenizer, pairs: list[tuple[str, str]], fmt: str) -> tuple[np.ndarray, np.ndarray]:
-    """Flat ids of the pairs and their (start, answer start, end) rows. The answer is what the text
-    continues the prompt with: " answer" after "A:" (just "answer" after a dialogue's "- "), a
-    newline, and eos when the tokenizer has one."""
+def pair_examples(tok: Tokenizer, pairs: list[tuple[str, str]], fmt: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Prompt/answer pairs as masked examples (conversations.py): (ids, mask, index). The answer is
+    what the text continues the prompt with: " answer" after "A:" (just "answer" after a dialogue's
+    "- "), a newline, and eos when the tokenizer has one; the mask covers it."""
     eos = [tok.eos_id] if tok.eos_id is not None else []
-    ids, index = [], []
+    ids, mask, index = [], [], []
     for prompt, answer in pairs:
         p, a = tok.encode(prompt), tok.encode((" " if fmt == "qa" else "") + answer + "\n") + eos
-        index.append((len(ids), len(ids) + len(p), len(ids) + len(p) + len(a)))
+        index.append((len(ids), len(ids) + len(p) + len(a)))
         ids.extend(p + a)
-    return np.asarray(ids, dtype=np.int64), np.asarray(index, dtype=np.int64).reshape(-1, 3)
-
-
-def pair_batch(ids: np.ndarray, index: np.ndarray, which, context_len: int):
-    """Pairs `which` (row numbers of index) as (x, y, loss_mask), each (B, T): x is prompt + answer,
-    y is x shifted by one, loss_mask is true where y is an answer token. Rows are right-padded; a
-    row longer than context_len + 1 loses the start of its prompt."""
-    rows = []
-    for i in which:
-        start, answer, end = (int(v) for v in index[i])
-        begin = max(start, end - context_len - 1)
-        if answer - begin < 1:
-            raise DataError(f"an answer is longer than the context of {context_len} tokens")
-        rows.append((np.asarray(ids[begin:end], dtype=np.int64), answer - begin))
-    T = max(len(r) for r, _ in rows) - 1
-    x = torch.zeros(len(rows), T, dtype=torch.long)
-    y = torch.full((len(rows), T), -100, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.bool)
-    for b, (row, prompt_len) in enumerate(rows):
-        n = len(row) - 1
-        x[b, :n] = torch.from_numpy(row[:-1])
-        y[b, :n] = torch.from_numpy(row[1:])
-        mask[b, prompt_len - 1:n] = True
-    return x, y, mask
+        mask.extend([0] * len(p) + [1] * len(a))
+    return (np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8),
+            np.asarray(index, dtype=np.int64).reshape(-1, 2))

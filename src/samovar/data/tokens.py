@@ -4,7 +4,12 @@
 
     DIR/train.bin  DIR/val.bin   token ids, a flat numpy array (uint16 if the vocabulary fits, else uint32)
     DIR/meta.json                dtype, token and byte counts, sources, tokenizer kind
-    DIR/tokenizer.json
+    DIR/tokenizer.json           (and tokenizer_config.json with the chat template, for conversations)
+
+and for fine-tuning data (conversations or prompt/answer pairs), the examples' loss mask and bounds:
+
+    DIR/train_mask.bin  DIR/val_mask.bin             1 where a token is one to learn (uint8)
+    DIR/train_examples.npy  DIR/val_examples.npy     (start, end) of each example in the .bin
 
 Documents are joined with the eos token (when the tokenizer has one); the last `val_fraction` of the
 token stream is the validation split. `TokenData` reads the files as memmaps, never into RAM.
@@ -20,9 +25,11 @@ import numpy as np
 import torch
 
 from ..checkpoint import atomic_write_bytes, atomic_write_text
+from ..chat import add_chat_tokens
 from ..tokenizer import DEFAULT_SPECIALS, Tokenizer
 from .corpus import DataError, find_files, read_documents
-from .pairs import PAIR_FORMATS, write_pairs
+from .conversations import ReadOptions, ReadReport, read_conversations, split_by_group, write_examples
+from .pairs import PAIR_FORMATS, pair_examples
 
 
 def token_dtype(vocab_size: int):
@@ -31,46 +38,89 @@ def token_dtype(vocab_size: int):
 
 def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char",
             vocab_size: int | None = None, val_fraction: float = 0.1, context_len: int | None = None,
-            special_tokens=DEFAULT_SPECIALS, pairs: str | None = None) -> dict:
+            special_tokens=DEFAULT_SPECIALS, pairs: str | None = None, chat: str | None = None,
+            chat_options: ReadOptions | None = None) -> dict:
     """Tokenize `inputs` into `out`; `tokenizer` is a kind to train or a path to tokenizer.json.
-    pairs="qa" or "dialogue" also writes prompt/answer pairs for supervised fine-tuning."""
+    pairs="qa" or "dialogue": prompt/answer pairs of plain text; chat=FORMAT (conversations.py):
+    conversations rendered with the chat template (the tokenizer gains the chat tokens). Either writes
+    masked examples for objective=sft instead of a plain token stream."""
     if pairs is not None and pairs not in PAIR_FORMATS:
         raise DataError(f"unknown pairs format {pairs!r}; use {' or '.join(PAIR_FORMATS)}")
+    if pairs is not None and chat is not None:
+        raise DataError("give --pairs or --chat, not both")
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     files = find_files(inputs)
-    docs = read_documents(files)
+    report = read_conversations(files, chat, chat_options) if chat else None
+    docs = [m["content"] for c in report.conversations for m in c.messages] if report else read_documents(files)
     if tokenizer in ("char", "word", "bpe"):
         tok = Tokenizer.train(tokenizer, docs, vocab_size=vocab_size, special_tokens=special_tokens)
     else:
         tok = Tokenizer.load(tokenizer)
-    ids = encode_documents(tok, docs)
-    n_val = max(1, int(len(ids) * val_fraction))
-    n_train = len(ids) - n_val
+    if report:
+        tok = add_chat_tokens(tok)
+    if report:
+        splits, info = chat_splits(tok, report, val_fraction)
+    elif pairs:
+        splits, info = pair_splits(tok, docs, pairs, val_fraction)
+    else:
+        ids = np.asarray(encode_documents(tok, docs), dtype=np.int64)
+        n_val = max(1, int(len(ids) * val_fraction))
+        splits, info = {"train": (ids[:-n_val],), "val": (ids[-n_val:],)}, None
     need = (context_len or 1) + 1
+    n_train, n_val = len(splits["train"][0]), len(splits["val"][0])
     if n_train < need or n_val < need:
-        raise DataError(f"the corpus is too short: {len(ids)} tokens give {n_train} train and {n_val} "
+        raise DataError(f"the corpus is too short: {n_train + n_val} tokens give {n_train} train and {n_val} "
                         f"val tokens, fewer than one context of {need} tokens")
     dtype = token_dtype(tok.vocab_size)
-    arr = np.asarray(ids, dtype=dtype)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "train.bin", arr[:n_train].tobytes())
-    atomic_write_bytes(out / "val.bin", arr[n_train:].tobytes())
+    for split, arrays in splits.items():
+        if len(arrays) == 1:
+            atomic_write_bytes(out / f"{split}.bin", arrays[0].astype(dtype).tobytes())
+        else:
+            write_examples(out, split, *arrays, dtype)
     tok.save(out / "tokenizer.json")
-    pair_counts = write_pairs(tok, docs, pairs, out, val_fraction, dtype) if pairs else None
     # bytes per split, for bits per byte: the text of each split decoded back
-    val_bytes = len(tok.decode(arr[n_train:].tolist()).encode("utf-8"))
+    val_bytes = len(tok.decode(splits["val"][0].tolist()).encode("utf-8"))
     total_bytes = sum(len(d.encode("utf-8")) for d in docs)
     meta = {
         "tokenizer": tok.kind, "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
         "train_tokens": int(n_train), "val_tokens": int(n_val),
         "bytes": total_bytes, "val_bytes": val_bytes,
         "sources": [str(f) for f in files], "documents": len(docs),
-        **({"pairs": {"format": pairs, **pair_counts}} if pairs else {}),
+        **({"examples": info} if info else {}),
     }
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def pair_splits(tok: Tokenizer, docs: list[str], fmt: str, val_fraction: float) -> tuple[dict, dict]:
+    """Prompt/answer pairs as examples; the last val_fraction of them is the validation split."""
+    pairs = [pair for doc in docs for pair in PAIR_FORMATS[fmt](doc)]
+    if len(pairs) < 2:
+        raise DataError(f"found {len(pairs)} {fmt} pairs: is this a {fmt} file?")
+    n_val = max(1, int(len(pairs) * val_fraction))
+    splits = {"train": pair_examples(tok, pairs[:-n_val], fmt), "val": pair_examples(tok, pairs[-n_val:], fmt)}
+    return splits, {"kind": "pairs", "format": fmt, "train": len(pairs) - n_val, "val": n_val}
+
+
+def chat_splits(tok: Tokenizer, report: ReadReport, val_fraction: float) -> tuple[dict, dict]:
+    """Conversations as examples, split by conversation group."""
+    from ..chat import render
+
+    splits, info = {}, {"kind": "chat", "skipped": report.skipped, "problems": report.problems}
+    for split, convs in zip(("train", "val"), split_by_group(report.conversations, val_fraction)):
+        ids, mask, index = [], [], []
+        for c in convs:
+            c_ids, c_mask = render(tok, c.messages)
+            index.append((len(ids), len(ids) + len(c_ids)))
+            ids.extend(c_ids)
+            mask.extend(c_mask)
+        splits[split] = (np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8),
+                         np.asarray(index, dtype=np.int64).reshape(-1, 2))
+        info[split] = len(convs)
+    return splits, info
 
 
 def encode_documents(tok: Tokenizer, docs: list[str]) -> list[int]:
@@ -120,7 +170,7 @@ class TokenData:
     meta: dict
     train: np.ndarray
     val: np.ndarray
-    _pair_cache: dict = field(default_factory=dict, repr=False)  # split -> (ids, index), read on first use
+    _examples: dict = field(default_factory=dict, repr=False)  # split -> (ids, mask, index), read on first use
 
     @classmethod
     def open(cls, folder: str | Path) -> "TokenData":
@@ -147,20 +197,23 @@ class TokenData:
         return Tokenizer.load(self.folder / "tokenizer.json")
 
     @property
-    def has_pairs(self) -> bool:
-        return "pairs" in self.meta
+    def has_examples(self) -> bool:
+        return "examples" in self.meta
 
-    def pairs(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, index) of a split's prompt/answer pairs (see encode_pairs and pair_batch)."""
-        if split not in self._pair_cache:
-            if not self.has_pairs:
-                raise DataError(f"{self.folder} has no prompt/answer pairs: prepare it with --pairs qa or dialogue")
-            ids = np.memmap(self.folder / f"{split}_pairs.bin", dtype=np.dtype(self.meta["dtype"]), mode="r")
-            self._pair_cache[split] = (ids, np.load(self.folder / f"{split}_pairs.npy"))
-        return self._pair_cache[split]
+    def examples(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, mask, index) of a split's masked examples (conversations or prompt/answer pairs;
+        see conversations.masked_batch)."""
+        if split not in self._examples:
+            if not self.has_examples:
+                raise DataError(f"{self.folder} has no conversations or pairs: prepare it with --chat FORMAT "
+                                "or --pairs qa|dialogue")
+            mask = np.memmap(self.folder / f"{split}_mask.bin", dtype=np.uint8, mode="r")
+            index = np.load(self.folder / f"{split}_examples.npy")
+            self._examples[split] = (getattr(self, split), mask, index)
+        return self._examples[split]
 
-    def n_pairs(self, split: str) -> int:
-        return len(self.pairs(split)[1])
+    def n_examples(self, split: str) -> int:
+        return len(self.examples(split)[2])
 
     def check_context(self, context_len: int) -> None:
         for split in ("train", "val"):

@@ -182,11 +182,7 @@ def export_hf(model, tokenizer, out: str | Path, max_shard_bytes: int = 2 << 30)
                                                                  indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(out / "tokenizer.json")
-        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-                   "model_max_length": cfg.context_len, "add_bos_token": False, "add_eos_token": False}
-        for role in ("bos", "eos", "pad", "unk"):
-            if tokenizer.roles.get(role) is not None and tokenizer.token_id(tokenizer.roles[role]) is not None:
-                tok_cfg[f"{role}_token"] = tokenizer.roles[role]
+        tok_cfg = {**tokenizer.hf_config(), "model_max_length": cfg.context_len}
         atomic_write_text(out / "tokenizer_config.json", json.dumps(tok_cfg, indent=2) + "\n")
     return out
 

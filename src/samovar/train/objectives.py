@@ -2,7 +2,8 @@
 loss and the metrics it logs; the loop never asks which objective it runs.
 
     lm   next-token loss over every position of random windows of the token stream (pretraining)
-    sft  the same loss over the answer tokens only, of random prompt/answer pairs (fine-tuning)
+    sft  the same loss over the tokens to learn only (the assistant's turns of conversations, the
+         answers of prompt/answer pairs), of random examples (fine-tuning)
 
 An objective that logs more than the loss names its metrics in `columns`.
 """
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ConfigError
-from ..data import TokenData, pair_batch
+from ..data import TokenData, masked_batch
 
 
 @dataclass
@@ -57,20 +58,20 @@ class SupervisedFineTuning(LanguageModeling):
     name = "sft"
 
     def check(self, model, data: TokenData) -> None:
-        if not data.has_pairs:
-            raise ConfigError(f"objective=sft needs prompt/answer pairs: prepare {data.folder} with "
-                              "--pairs qa or dialogue")
+        if not data.has_examples:
+            raise ConfigError(f"objective=sft needs conversations or prompt/answer pairs: prepare {data.folder} "
+                              "with --chat FORMAT or --pairs qa|dialogue")
 
     def batch(self, data: TokenData, split: str, generator: torch.Generator, batch_size: int,
               context_len: int, rows: slice) -> Batch:
-        which = torch.randint(data.n_pairs(split), (batch_size,), generator=generator)[rows].tolist()
-        return Batch(*pair_batch(*data.pairs(split), which, context_len))
+        which = torch.randint(data.n_examples(split), (batch_size,), generator=generator)[rows].tolist()
+        return Batch(*masked_batch(*data.examples(split), which, context_len))
 
     def full_val_loss(self, model, data: TokenData) -> float:
-        """The exact loss over every answer token of the val pairs."""
+        """The exact loss over every token to learn of the val examples."""
         from ..evaluation import answer_metrics
 
-        return answer_metrics(model, *data.pairs("val"))["answer_loss"]
+        return answer_metrics(model, *data.examples("val"))["answer_loss"]
 
 
 OBJECTIVES = {o.name: o for o in (LanguageModeling, SupervisedFineTuning)}

@@ -117,19 +117,43 @@ class RunFolder:
 
 
 def init_from(run: str | Path, model, tokenizer: Tokenizer, device) -> None:
-    """Start from another run's (or an imported model's) weights: fine-tuning. Only dropout and
-    the labels may differ from its config; the data must use its tokenizer."""
+    """Start from another run's (or an imported model's) weights: fine-tuning. Only dropout, the
+    labels and a grown vocabulary may differ from its config; the data must use its tokenizer, or that
+    tokenizer with tokens added (the chat tokens): their embedding (and untied head) rows start at the
+    mean of the old rows."""
     folder = ckpt.resolve_checkpoint(run)
     saved = ModelConfig.load(folder / "config.json")
-    free = ("dropout", "name", "family", "aux_loss_coef", "export_as")
+    free = ("dropout", "name", "family", "aux_loss_coef", "export_as", "vocab_size")
     shape_fields = [f for f in ModelConfig.__dataclass_fields__ if f not in free]
     changed = [f for f in shape_fields if getattr(saved, f) != getattr(model.config, f)]
     if changed:
         raise ConfigError(f"--init-from {run}: the model's {', '.join(changed)} cannot change (only dropout can)")
-    if (folder / "tokenizer.json").exists() and Tokenizer.load(folder).hf.to_str() != tokenizer.hf.to_str():
+    if (folder / "tokenizer.json").exists() and not extends(tokenizer, Tokenizer.load(folder)):
         raise ConfigError(f"the data was tokenized with another tokenizer than {folder}'s; prepare it "
                           f"with --tokenizer {folder / 'tokenizer.json'}")
-    ckpt.load_state_into(model, ckpt.load_weights(folder, device), str(folder))
+    state = ckpt.load_weights(folder, device)
+    if model.config.vocab_size > saved.vocab_size:
+        state = grow_vocab(state, model.config.vocab_size)
+    ckpt.load_state_into(model, state, str(folder))
+
+
+def extends(new: Tokenizer, old: Tokenizer) -> bool:
+    """Whether `new` is `old`, or `old` with tokens added after its own (every old id unchanged)."""
+    if new.hf.to_str() == old.hf.to_str():
+        return True
+    old_vocab, new_vocab = old.hf.get_vocab(with_added_tokens=True), new.hf.get_vocab(with_added_tokens=True)
+    return new.kind == old.kind and all(new_vocab.get(t) == i for t, i in old_vocab.items())
+
+
+def grow_vocab(state: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
+    """The token embedding and head grown to vocab_size rows, each new row the mean of the old ones."""
+    grown = dict(state)
+    for name in ("tok_emb.weight", "lm_head.weight"):
+        if name in state and state[name].shape[0] < vocab_size:
+            old = state[name]
+            mean = old.float().mean(0, keepdim=True).to(old.dtype)
+            grown[name] = torch.cat([old, mean.expand(vocab_size - old.shape[0], -1)])
+    return grown
 
 
 def full_states(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
