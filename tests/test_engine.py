@@ -167,6 +167,11 @@ def test_top_k_and_top_p_restrict_the_choices():
     ({"top_p": 0.0}, "top_p must be in"),
     ({"top_p": 1.5}, "top_p must be in"),
     ({"max_tokens": -1}, "max_tokens must be >= 0"),
+    ({"min_p": 1.5}, "min_p must be in"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty must be positive"),
+    ({"frequency_penalty": 3.0}, "frequency_penalty must be in"),
+    ({"stop": [""]}, "stop string must be non-empty"),
+    ({"top_q": 0.5}, "unknown sampling option 'top_q'"),
 ])
 def test_bad_sampling_parameters(trained, tokenizer, kw, message):
     with pytest.raises(GenerationError, match=message):
@@ -185,3 +190,98 @@ def test_llm_object(tmp_path, trained, tokenizer):
     kw = dict(max_tokens=20, temperature=0)
     assert again.generate("the quick ", **kw) == llm.generate("the quick ", **kw)
     assert "".join(again.stream("the quick ", **kw)) == llm.generate("the quick ", **kw)
+
+
+# ---- the sampling chat needs --------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_repetition_penalty_equals_transformers_generate(preset, tmp_path):
+    """Greedy decoding with HF's repetition penalty, on the export, token for token."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from samovar.interop.hf import export_hf
+
+    torch.manual_seed(0)
+    model = Transformer(get_preset(preset).replace(vocab_size=60, context_len=64)).eval()
+    export_hf(model, None, tmp_path / "hf")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    prompt, decoded = [5, 9, 9, 17, 3, 5], {}
+    for penalty in (1.0, 1.3, 0.8):
+        params = SamplingParams(max_tokens=30, temperature=0, repetition_penalty=penalty, ignore_eos=True)
+        ours = decoded[penalty] = list(Engine(model).generate(prompt, params))
+        config = GenerationConfig(do_sample=False, repetition_penalty=penalty, max_new_tokens=30, min_new_tokens=30,
+                                  eos_token_id=None, pad_token_id=0)
+        reference = theirs.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt):].tolist()
+        assert ours == reference, penalty
+    assert decoded[1.3] != decoded[1.0]  # the penalty changed the text
+
+
+def test_frequency_and_presence_penalties_count_the_reply():
+    from samovar.engine import Penalties
+
+    penalties = Penalties([1], vocab_size=4, device="cpu")  # the prompt's ids count for HF's penalty only
+    for token in (2, 2, 3):
+        penalties.add(token)
+    logits = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    shifted = penalties.apply(logits, SamplingParams(frequency_penalty=0.5, presence_penalty=0.25))
+    torch.testing.assert_close(shifted, torch.tensor([[1.0, 1.0, 1.0 - 1.0 - 0.25, 1.0 - 0.5 - 0.25]]))
+    hf = penalties.apply(torch.tensor([[2.0, -2.0, 2.0, 0.5]]), SamplingParams(repetition_penalty=2.0))
+    torch.testing.assert_close(hf, torch.tensor([[2.0, -4.0, 1.0, 0.25]]))  # seen: 1 (prompt), 2, 3
+
+
+def test_min_p_keeps_the_tokens_near_the_likeliest():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    g = torch.Generator().manual_seed(0)
+    kept = {int(sample(logits, SamplingParams(temperature=1.0, min_p=0.5), g)) for _ in range(300)}
+    assert kept == {0, 1}  # 0.3 >= 0.5 * 0.5 > 0.15
+    assert {int(sample(logits, SamplingParams(temperature=1.0, min_p=0.0), g)) for _ in range(500)} == {0, 1, 2, 3}
+
+
+def test_stop_strings_end_the_text_even_across_tokens_and_never_leak_into_a_stream(tokenizer):
+    closed = []
+
+    def ids(text):
+        try:
+            yield from tokenizer.encode(text)
+        finally:
+            closed.append(True)
+
+    for stop in (("dog",), ("fox", "dog"), ("the lazy",)):
+        pieces = list(stream_text(tokenizer, ids("the quick brown fox jumps over the lazy dog. the end"), stop))
+        text = "".join(pieces)
+        first = min(i for i in ("the quick brown fox jumps over the lazy dog".find(s) for s in stop) if i >= 0)
+        # (a piece once given out cannot be taken back: had one held part of a stop string, the text would too)
+        assert text == "the quick brown fox jumps over the lazy dog"[:first] and closed.pop()
+    assert "".join(stream_text(tokenizer, iter(tokenizer.encode("the lazy do")), ("dog",))) == "the lazy do"
+    bpe = Tokenizer.train("bpe", [TEXT], vocab_size=300)
+    assert len(bpe.encode("jumps over")) > 1
+    assert "".join(stream_text(bpe, iter(bpe.encode(TEXT)), ("jumps over",))) == "the quick brown fox "
+
+
+def test_stop_strings_from_generate_and_the_command_line(trained, tokenizer, tmp_path):
+    full = generate(trained, tokenizer, "the quick ", max_tokens=30, temperature=0)
+    assert "lazy" in full
+    assert generate(trained, tokenizer, "the quick ", max_tokens=30, temperature=0, stop=["lazy"]) == \
+        full[:full.index("lazy")]
+    save_checkpoint(tmp_path / "ckpt", trained, tokenizer)
+    from conftest import run_cli
+
+    out = run_cli("generate", tmp_path / "ckpt", "--prompt", "the quick ", "--max-tokens", "30", "--temperature", "0",
+                  "--stop", "lazy", "--repetition-penalty", "1.0", "--min-p", "0.1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "the quick " + full[:full.index("lazy")] + "\n"
+
+
+def test_streaming_decodes_each_token_a_bounded_number_of_times(tokenizer):
+    """Linear in the length of the answer: the ids decoded over a stream grow with it, not its square."""
+    decoded = []
+
+    class Counting(Tokenizer):
+        def decode(self, ids, skip_special=False):
+            ids = list(ids)
+            decoded.append(len(ids))
+            return super().decode(ids, skip_special)
+
+    counting = Counting(tokenizer.hf, tokenizer.roles)
+    text = "the quick brown fox jumps over the lazy dog. " * 40
+    assert "".join(stream_text(counting, iter(tokenizer.encode(text)))) == text
+    assert sum(decoded) < 6 * len(text)  # quadratic would be ~len(text)**2 / 2 = 1.6M

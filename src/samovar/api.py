@@ -57,22 +57,49 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
     return [start]
 
 
-def stream_text(tokenizer: Tokenizer, ids: Iterator[int]) -> Iterator[str]:
-    """Text pieces from a stream of ids, holding back bytes that do not yet form a whole character.
-    Special tokens (bos, eos, pad) are left out of the text, as HF's text-generation pipeline does."""
+def stream_text(tokenizer: Tokenizer, ids: Iterator[int], stop: tuple[str, ...] = ()) -> Iterator[str]:
+    """Text pieces from a stream of ids, in time linear in its length: each id is decoded with the few
+    ids before it (what a tokenizer's decoder needs to place spaces), bytes that do not yet form a
+    whole character are held back, and so is text that may begin a stop string. The text ends before
+    the first stop string (then the stream of ids is closed). Special tokens (bos, eos, pad) are left
+    out of the text, as HF's text-generation pipeline does."""
     out: list[int] = []
-    sent = ""
+    prefix = read = 0  # out[prefix:read] was decoded already; out[read:] is new
+    pending = ""
     for i in ids:
         out.append(i)
-        text = tokenizer.decode(out, skip_special=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence (byte-level BPE): wait for more
+        before = tokenizer.decode(out[prefix:read], skip_special=True)
+        text = tokenizer.decode(out[prefix:], skip_special=True)
+        if text.endswith("\ufffd") or len(text) <= len(before):  # an incomplete UTF-8 sequence, or nothing yet
             continue
-        if len(text) > len(sent):
-            yield text[len(sent):]
-            sent = text
-    text = tokenizer.decode(out, skip_special=True)
-    if len(text) > len(sent):
-        yield text[len(sent):]
+        pending += text[len(before):]
+        prefix, read = read, len(out)
+        ready, pending, stopped = split_at_stop(pending, stop)
+        if ready:
+            yield ready
+        if stopped:
+            close = getattr(ids, "close", None)
+            if close is not None:
+                close()
+            return
+    before = tokenizer.decode(out[prefix:read], skip_special=True)
+    pending += tokenizer.decode(out[prefix:], skip_special=True)[len(before):]
+    ready, _, _ = split_at_stop(pending, stop, final=True)
+    if ready:
+        yield ready
+
+
+def split_at_stop(text: str, stop: tuple[str, ...], final: bool = False) -> tuple[str, str, bool]:
+    """(text to give out, text to hold back, whether a stop string was found): the text before the
+    earliest stop string; or all but the longest tail that begins one (all of it when final)."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    if found:
+        return text[:min(found)], "", True
+    if final:
+        return text, "", False
+    hold = max((n for s in stop for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+               default=0)
+    return text[:len(text) - hold], text[len(text) - hold:], False
 
 
 def new_ids(model, prompt: list[int], params: SamplingParams, stop_ids=(), vocab_limit: int | None = None,
@@ -86,39 +113,48 @@ def new_ids(model, prompt: list[int], params: SamplingParams, stop_ids=(), vocab
     return Engine(model, vocab_limit=vocab_limit, compile=compile).generate(prompt, params, stop_ids=stop_ids)
 
 
-def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_tokens: int = 256,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None, ignore_eos: bool = False, stream: bool = False, compile: bool = False):
+def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, stream: bool = False, compile: bool = False,
+             **sampling):
     """The continuation of `prompt` as text, without the prompt (`samovar generate` prints the prompt,
-    then this), or an iterator of text pieces when stream=True. Temperature 0 is greedy; generation stops at the eos token unless ignore_eos is set.
-    compile: decode through the compiled one-token step (its first use compiles it)."""
+    then this), or an iterator of text pieces when stream=True. `sampling`: any SamplingParams field
+    (max_tokens=256, temperature=1.0 (0 is greedy), top_k, top_p, min_p, repetition_penalty,
+    frequency_penalty, presence_penalty, stop=[texts], seed, ignore_eos); generation stops at the eos
+    token unless ignore_eos is set. compile: decode through the compiled one-token step."""
     if tokenizer is None:
         raise GenerationError("this checkpoint has no tokenizer.json; copy the model's tokenizer.json into it")
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=seed, ignore_eos=ignore_eos)
-    return _continue(model, tokenizer, prompt_ids(tokenizer, prompt), params, stream, compile)
+    return _continue(model, tokenizer, prompt_ids(tokenizer, prompt), sampling_params(sampling), stream, compile)
 
 
-def chat(model: Transformer, tokenizer: Tokenizer, messages: list[dict], max_tokens: int = 256,
-         temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-         seed: int | None = None, stream: bool = False, compile: bool = False):
+def chat(model: Transformer, tokenizer: Tokenizer, messages: list[dict], stream: bool = False,
+         compile: bool = False, **sampling):
     """The assistant's reply to `messages` (the conversation so far) as text, or an iterator of text
     pieces when stream=True: the conversation rendered with the tokenizer's chat template and a
-    generation prompt, continued until the end-of-turn token (the eos)."""
+    generation prompt, continued until the end-of-turn token (the eos). `sampling` as for generate."""
     from .chat import render
 
     if tokenizer is None:
         raise GenerationError("this checkpoint has no tokenizer.json; copy the model's tokenizer.json into it")
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    params = sampling_params(sampling)
     return _continue(model, tokenizer, render(tokenizer, messages, add_generation_prompt=True)[0], params,
                      stream, compile)
 
 
-def _continue(model, tokenizer: Tokenizer, ids: list[int], params: SamplingParams, stream: bool, compile: bool):
+def sampling_params(sampling: dict) -> SamplingParams:
+    known = set(SamplingParams.__dataclass_fields__)
+    unknown = sorted(set(sampling) - known)
+    if unknown:
+        raise GenerationError(f"unknown sampling option {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    sampling = {k: v for k, v in sampling.items() if v is not None}  # None: the default
+    stop = sampling.get("stop", ())
+    params = SamplingParams(**{**sampling, "stop": (stop,) if isinstance(stop, str) else tuple(stop)})
     params.validate()
+    return params
+
+
+def _continue(model, tokenizer: Tokenizer, ids: list[int], params: SamplingParams, stream: bool, compile: bool):
     stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     pieces = stream_text(tokenizer, new_ids(model, ids, params, stop, vocab_limit=tokenizer.vocab_size,
-                                            compile=compile))
+                                            compile=compile), params.stop)
     if stream:
         return pieces
     return "".join(pieces)

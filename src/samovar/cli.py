@@ -68,16 +68,23 @@ def cmd_presets(args) -> None:
 
 # ---- prepare and train -------------------------------------------------------------------------------
 def cmd_prepare(args) -> None:
-    from .data import prepare
-
-    from .data import ReadOptions
+    from .data import ReadOptions, prepare
+    from .data.cleaning import RULES, CleanOptions
 
     kwargs = {"special_tokens": ()} if args.no_special_tokens else {}
     options = ReadOptions(strict=args.strict, question=args.question_column, answer=args.answer_column,
                           assistant=args.assistant, gap_hours=args.gap_hours)
+    cleaning = None if args.no_clean else CleanOptions(
+        rules=tuple(r for r in RULES if r not in args.keep), near_duplicate=args.near_duplicates or None)
+    if args.keep and cleaning is not None:
+        CleanOptions(rules=tuple(args.keep))  # a misspelt rule is named
+    if args.dry_run:
+        return preview_cleaning(args, options, cleaning)
+    if args.out is None:
+        raise ConfigError("give --out DIR, the folder to write")
     meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                    val_fraction=args.val_fraction, context_len=args.context_len, pairs=args.pairs,
-                   chat=args.chat, chat_options=options, **kwargs)
+                   chat=args.chat, chat_options=options, cleaning=cleaning, **kwargs)
     examples = meta.get("examples")
     what = "" if examples is None else (f", {examples['train']:,} + {examples['val']:,} "
                                         + (f"{examples['format']} pairs" if examples["kind"] == "pairs" else "conversations"))
@@ -86,6 +93,29 @@ def cmd_prepare(args) -> None:
           f"from {len(meta['sources'])} file(s){what} -> {args.out}")
     if examples and examples.get("skipped"):
         print(f"skipped {examples['skipped']:,} malformed lines or rows, e.g. {examples['problems'][0]}")
+    if examples and "cleaning" in examples:
+        c = examples["cleaning"]
+        print("cleaning: " + (", ".join(f"{rule} {n:,} turns" for rule, n in c["changed"].items()) or "nothing to change")
+              + "".join(f"; dropped {n:,} conversations ({why})" for why, n in c["dropped"].items()))
+
+
+def preview_cleaning(args, options, cleaning) -> None:
+    """--dry-run: what cleaning would change, with examples; nothing is written."""
+    from .data import find_files, read_conversations
+    from .data.cleaning import clean_conversations
+
+    if not args.chat:
+        raise ConfigError("--dry-run shows what cleaning does to conversations: give --chat FORMAT")
+    if cleaning is None:
+        raise ConfigError("--dry-run with --no-clean has nothing to show")
+    report = read_conversations(find_files(args.inputs), args.chat, options)
+    examples = []
+    kept, cleaned = clean_conversations(report.conversations, cleaning, examples)
+    print(f"{len(report.conversations):,} conversations read, {len(kept):,} kept; nothing written (--dry-run)")
+    for line in cleaned.lines():
+        print("  " + line)
+    for before, after in examples:
+        print(f"  before: {before!r}\n  after:  {after!r}")
 
 
 def cmd_train(args) -> None:
@@ -125,8 +155,7 @@ def cmd_generate(args) -> None:
     from .api import generate, load
 
     model, tokenizer = load(args.run, device=args.device, dtype=args.dtype, quantize=args.quantize)
-    kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos, compile=args.compile)
+    kwargs = dict(sampling_of(args), ignore_eos=args.ignore_eos, compile=args.compile)
     if args.stream:
         sys.stdout.write(args.prompt)
         for piece in generate(model, tokenizer, args.prompt, stream=True, **kwargs):
@@ -149,8 +178,7 @@ def cmd_chat(args) -> None:
         raise ChatError(f"{args.run} has no chat template: fine-tune it on conversations first "
                         "(samovar prepare --chat FORMAT ..., then train with objective=sft)")
     session = ChatSession(llm.tokenizer, llm.model.config.context_len, args.system)
-    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, seed=args.seed, compile=args.compile)
+    sampling = dict(sampling_of(args), compile=args.compile)
     terminal = sys.stdin.isatty()
     if terminal:
         print(f"chatting with {args.run}: {CHAT_HELP}")
@@ -352,7 +380,24 @@ def sampling_options(s) -> None:
     s.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--min-p", type=float, default=None, help="keep tokens at least this share as likely as the likeliest")
+    s.add_argument("--repetition-penalty", type=float, default=None,
+                   help="HF's: divide the logit of every token already in the text by this (e.g. 1.2)")
+    s.add_argument("--frequency-penalty", type=float, default=None,
+                   help="OpenAI's: lower a token's logit by this times its count in the reply so far")
+    s.add_argument("--presence-penalty", type=float, default=None,
+                   help="OpenAI's: lower a token's logit by this once it is in the reply")
+    s.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the text before this string (repeatable)")
     s.add_argument("--seed", type=int, default=None)
+
+
+def sampling_of(args) -> dict:
+    """The sampling options of a command's arguments (None: the default)."""
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+                stop=tuple(args.stop), seed=args.seed)
 
 
 def prompt_options(s) -> None:
@@ -383,7 +428,7 @@ def prepare_arguments(s) -> None:
     s.add_argument("--tokenizer", default="char",
                    help="char, word or bpe (trained on the inputs), or a path to a tokenizer.json")
     s.add_argument("--vocab-size", type=int, default=None, help="vocabulary size for word and bpe")
-    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--out", help="output folder (required unless --dry-run)")
     s.add_argument("--val-fraction", type=float, default=0.1, help="share of tokens held out (the tail)")
     s.add_argument("--context-len", type=int, default=None, help="fail unless each split holds a context")
     s.add_argument("--no-special-tokens", action="store_true", help="no bos/eos/pad (a pure char vocabulary)")
@@ -399,6 +444,14 @@ def prepare_arguments(s) -> None:
     s.add_argument("--assistant", default=None, help="--chat telegram: the sender (name or id) who is the assistant")
     s.add_argument("--gap-hours", type=float, default=4.0,
                    help="--chat telegram: a longer silence starts a new conversation")
+    s.add_argument("--no-clean", action="store_true", help="--chat: keep the text as it is (no cleaning)")
+    s.add_argument("--keep", action="append", default=[], metavar="RULE",
+                   help="--chat: do not apply this cleaning rule (forwarded, html, email, url, mention, hashtag, "
+                        "phone, date, repeats, whitespace); repeatable")
+    s.add_argument("--near-duplicates", type=float, default=0.9, metavar="T",
+                   help="--chat: drop conversations whose MinHash similarity to a kept one reaches T (0: keep them)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="--chat: print what cleaning would change, with examples, and write nothing")
 
 
 def train_arguments(s) -> None:

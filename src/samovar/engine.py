@@ -35,6 +35,11 @@ class SamplingParams:
     temperature: float = 1.0  # 0: greedy
     top_k: int | None = None
     top_p: float | None = None
+    min_p: float | None = None  # keep tokens at least min_p times as likely as the likeliest
+    repetition_penalty: float = 1.0  # HF's: a seen token's logit divided by it (multiplied, if negative)
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times the token's count in the reply so far
+    presence_penalty: float = 0.0  # OpenAI's: minus this once the token is in the reply
+    stop: tuple[str, ...] = ()  # texts that end the reply (not included); applied to the text (api.py)
     seed: int | None = None
     ignore_eos: bool = False
 
@@ -47,11 +52,47 @@ class SamplingParams:
             raise GenerationError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+            raise GenerationError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise GenerationError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise GenerationError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise GenerationError("each stop string must be non-empty text")
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+class Penalties:
+    """What the penalties need of the tokens so far: which ids the sequence holds (the prompt
+    included, as HF's repetition penalty counts them) and how often each was generated (OpenAI's)."""
+
+    def __init__(self, prompt: list[int], vocab_size: int, device):
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.seen[torch.tensor(prompt, device=device)] = True
+        self.counts = torch.zeros(vocab_size, device=device)
+
+    def add(self, token: int) -> None:
+        self.seen[token] = True
+        self.counts[token] += 1
+
+    def apply(self, logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        logits = logits.float().clone()
+        if params.repetition_penalty != 1.0:
+            seen = logits[:, self.seen]
+            p = params.repetition_penalty
+            logits[:, self.seen] = torch.where(seen < 0, seen * p, seen / p)
+        return logits - params.frequency_penalty * self.counts - params.presence_penalty * (self.counts > 0)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None):
     """Next token ids (B,) from logits (B, V): greedy at temperature 0, else top-k, then top-p
-    (nucleus: the smallest set of tokens whose probability reaches top_p), then a draw."""
+    (nucleus: the smallest set of tokens whose probability reaches top_p), then min-p, then a draw.
+    (Penalties, when asked for, were applied to the logits before: Penalties.apply.)"""
     if params.temperature == 0:
         return logits.max(dim=-1).indices  # the first largest, as argmax, at a third of its cost on CPU
     logits = logits.float() / params.temperature
@@ -66,6 +107,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
+    if params.min_p:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -155,12 +198,17 @@ class Engine:
             cache = self.model.new_kv_cache(1)
         logits = self._forward(self._ids(tokens, device), cache)  # the prompt, in one pass
         cached = len(tokens)
+        penalties = Penalties(tokens, logits.size(-1), device) if params.penalized else None
         for _ in range(params.max_tokens):
+            if penalties is not None:
+                logits = penalties.apply(logits, params)
             next_id = int(sample(logits, params, generator)[0])
             if next_id in stop_ids:
                 return
             yield next_id
             tokens.append(next_id)
+            if penalties is not None:
+                penalties.add(next_id)
             if cache is None:
                 logits = self._forward(self._ids(tokens[-self.context_len:], device), None)
             elif cached >= self.context_len:  # full: keep the recent half and prefill it afresh

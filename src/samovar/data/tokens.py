@@ -28,6 +28,7 @@ from ..checkpoint import atomic_write_bytes, atomic_write_text
 from ..chat import add_chat_tokens
 from ..tokenizer import DEFAULT_SPECIALS, Tokenizer
 from .corpus import DataError, find_files, read_documents
+from .cleaning import CleanOptions, clean_conversations
 from .conversations import ReadOptions, ReadReport, read_conversations, split_by_group, write_examples
 from .pairs import PAIR_FORMATS, pair_examples
 
@@ -39,11 +40,12 @@ def token_dtype(vocab_size: int):
 def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char",
             vocab_size: int | None = None, val_fraction: float = 0.1, context_len: int | None = None,
             special_tokens=DEFAULT_SPECIALS, pairs: str | None = None, chat: str | None = None,
-            chat_options: ReadOptions | None = None) -> dict:
+            chat_options: ReadOptions | None = None, cleaning: CleanOptions | None = CleanOptions()) -> dict:
     """Tokenize `inputs` into `out`; `tokenizer` is a kind to train or a path to tokenizer.json.
     pairs="qa" or "dialogue": prompt/answer pairs of plain text; chat=FORMAT (conversations.py):
-    conversations rendered with the chat template (the tokenizer gains the chat tokens). Either writes
-    masked examples for objective=sft instead of a plain token stream."""
+    conversations rendered with the chat template (the tokenizer gains the chat tokens), cleaned first
+    unless cleaning is None (cleaning.py). Either writes masked examples for objective=sft instead of
+    a plain token stream."""
     if pairs is not None and pairs not in PAIR_FORMATS:
         raise DataError(f"unknown pairs format {pairs!r}; use {' or '.join(PAIR_FORMATS)}")
     if pairs is not None and chat is not None:
@@ -52,6 +54,11 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char",
         raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     files = find_files(inputs)
     report = read_conversations(files, chat, chat_options) if chat else None
+    cleaned = None
+    if report and cleaning is not None:
+        report.conversations, cleaned = clean_conversations(report.conversations, cleaning)
+        if not report.conversations:
+            raise DataError("no conversation is left after cleaning: " + "; ".join(cleaned.lines()))
     docs = [m["content"] for c in report.conversations for m in c.messages] if report else read_documents(files)
     if tokenizer in ("char", "word", "bpe"):
         tok = Tokenizer.train(tokenizer, docs, vocab_size=vocab_size, special_tokens=special_tokens)
@@ -61,6 +68,9 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char",
         tok = add_chat_tokens(tok)
     if report:
         splits, info = chat_splits(tok, report, val_fraction)
+        if cleaned is not None:
+            info["cleaning"] = {"changed": dict(cleaned.changed), "dropped": dict(cleaned.dropped),
+                                "empty_turns": cleaned.empty_turns}
     elif pairs:
         splits, info = pair_splits(tok, docs, pairs, val_fraction)
     else:
