@@ -59,3 +59,13 @@ def test_head_loss_benchmark_runs():
                              "--batch", "2", "--context", "32"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "samovar/HF: memory" in result.stdout
+
+
+def test_sft_benchmark_runs():
+    from conftest import shared_file
+
+    shared_file("ru_dialogues/anekdot_dialogues.txt")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sft.py"), "--steps", "2", "--batch", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "pack=true" in result.stdout and "pack=false" in result.stdout and "x real tokens per second" in result.stdout

@@ -74,7 +74,10 @@ class Rotary(nn.Module):
         self.register_buffer("sin", torch.cat([-sin, sin], dim=-1), persistent=False)
 
     def forward(self, positions):
-        """cos and sin (T, D) of the absolute positions (T,)."""
+        """cos and sin (T, D) of the absolute positions (T,); or (B, 1, T, D) of positions (B, T)
+        (packed rows, whose documents each start at 0), to broadcast over the heads."""
+        if positions.dim() == 2:
+            return self.cos[positions][:, None], self.sin[positions][:, None]
         return self.cos[positions], self.sin[positions]
 
 
@@ -155,7 +158,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else None
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, kv_cache: KVCache | None = None):
+    def forward(self, x, rope=None, kv_cache: KVCache | None = None, attn_mask=None):
         B, T, _ = x.shape
         H, K, D = self.n_head, self.n_kv_head, self.head_dim
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
@@ -166,20 +169,22 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = attend(self, q, k, v, kv_cache)  # (B, H, T, D)
+        y = attend(self, q, k, v, kv_cache, attn_mask)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H * D)
         return self.resid_dropout(self.out_proj(y))
 
 
-def attend(attn: nn.Module, q, k, v, kv_cache: KVCache | None):
+def attend(attn: nn.Module, q, k, v, kv_cache: KVCache | None, attn_mask=None):
     """Causal (optionally sliding-window) attention of q (B, H, T, D) over k, v (B, K, T, D) and,
-    when a cache is given, every position cached before them."""
+    when a cache is given, every position cached before them; or, given attn_mask (B, 1, T, T), over
+    the keys it allows (packed documents: model.document_positions)."""
     T, start = q.size(2), 0
     if kv_cache is not None:
         start = kv_cache.pos
         k, v = kv_cache.update(attn.layer, k, v)  # (B, K, S, D) with S = start + T, or max_len
     static = kv_cache is not None and kv_cache.static
-    mask = causal_mask(T, start, k.size(2), attn.sliding_window, q.device, always=static)
+    mask = attn_mask if attn_mask is not None else \
+        causal_mask(T, start, k.size(2), attn.sliding_window, q.device, always=static)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=attn.scale,
         dropout_p=attn.dropout if attn.training else 0.0, enable_gqa=k.size(1) != q.size(1))
@@ -228,7 +233,7 @@ class LatentAttention(nn.Module):
         self.out_proj = nn.Linear(H * self.v_dim, C, bias=cfg.attn_out_bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, kv_cache: KVCache | None = None):
+    def forward(self, x, rope=None, kv_cache: KVCache | None = None, attn_mask=None):
         B, T, _ = x.shape
         H = self.n_head
         q = self.q_up(self.q_norm(self.q_down(x))) if self.q_low_rank else self.q_proj(x)
@@ -241,7 +246,7 @@ class LatentAttention(nn.Module):
         cos, sin = rope
         q = torch.cat([q_nope, apply_rotary(q_rot, cos, sin)], dim=-1)
         k = torch.cat([k_nope, apply_rotary(k_rot, cos, sin).expand(B, H, T, self.rope)], dim=-1)
-        y = attend(self, q, k, v, kv_cache)  # (B, H, T, v_dim)
+        y = attend(self, q, k, v, kv_cache, attn_mask)  # (B, H, T, v_dim)
         y = y.transpose(1, 2).reshape(B, T, H * self.v_dim)
         return self.resid_dropout(self.out_proj(y))
 

@@ -31,12 +31,12 @@ class Block(nn.Module):
         self.mlp = make_mlp(cfg, layer)  # an MLP, or a mixture of experts
         self.routed = isinstance(self.mlp, MoE)
 
-    def forward(self, x, rope=None, kv_cache=None, router_stats=None):
+    def forward(self, x, rope=None, kv_cache=None, router_stats=None, attn_mask=None):
         if self.pre_norm:
-            x = x + self.attn(self.attn_norm(x), rope, kv_cache)
+            x = x + self.attn(self.attn_norm(x), rope, kv_cache, attn_mask)
             x = x + self.feed_forward(self.mlp_norm(x), router_stats)
         else:
-            x = self.attn_norm(x + self.attn(x, rope, kv_cache))
+            x = self.attn_norm(x + self.attn(x, rope, kv_cache, attn_mask))
             x = self.mlp_norm(x + self.feed_forward(x, router_stats))
         return x
 
@@ -45,6 +45,23 @@ class Block(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def document_positions(documents: torch.Tensor, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed rows, documents (B, T) of document numbers: each token's position within its own
+    document (B, T), and the (B, 1, T, T) mask that lets a token see the earlier tokens of its
+    document only (and, with a sliding window, the last `window` of them)."""
+    B, T = documents.shape
+    t = torch.arange(T, device=documents.device).expand(B, T)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    first = torch.cummax(torch.where(starts, t, torch.zeros_like(t)), dim=1).values  # where each document began
+    positions = t - first
+    q, k = t[:, :, None], t[:, None, :]
+    allowed = (documents[:, :, None] == documents[:, None, :]) & (k <= q)
+    if window is not None:
+        allowed &= q - k < window
+    return positions, allowed[:, None]
 
 
 class Transformer(nn.Module):
@@ -67,11 +84,13 @@ class Transformer(nn.Module):
             self.reset_parameters()
 
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None, loss_mask=None,
-                router_stats: RouterStats | None = None):
+                router_stats: RouterStats | None = None, documents=None):
         """Logits (B, T, vocab_size); or, when targets (B, T) are given, the mean cross-entropy loss
         over the positions where loss_mask (B, T) is true (all positions when it is None), plus
         aux_loss_coef times the experts' load-balancing loss in a mixture-of-experts model.
-        router_stats (a fresh RouterStats) collects what each MoE layer's router decided in this pass."""
+        router_stats (a fresh RouterStats) collects what each MoE layer's router decided in this pass.
+        documents (B, T): which document of its row each token belongs to (packed rows): a token
+        attends only to its own document, whose positions start again at 0."""
         B, T = idx.shape
         balance = targets is not None and self.config.n_expert > 0 and self.config.aux_loss_coef > 0
         if balance and router_stats is None:
@@ -83,12 +102,17 @@ class Transformer(nn.Module):
         if self.config.embed_scale:
             x = x * torch.tensor(math.sqrt(self.config.n_embd), dtype=x.dtype)
         positions = torch.arange(T, device=idx.device) + start  # of the new tokens, (T,)
+        attn_mask = None
+        if documents is not None:  # packed rows: positions (B, T) within each document, and its mask
+            if kv_cache is not None:
+                raise ValueError("packed documents are for training; decode one sequence with a cache")
+            positions, attn_mask = document_positions(documents, self.config.sliding_window)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         x = self.emb_dropout(x)
         rope = self.rotary(positions) if self.rotary is not None else None
         for block in self.blocks:
-            x = block(x, rope, kv_cache, router_stats)
+            x = block(x, rope, kv_cache, router_stats, attn_mask)
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.final_norm(x)

@@ -311,6 +311,39 @@ def masked_batch(ids: np.ndarray, mask: np.ndarray, index: np.ndarray, which, co
     return x, y, loss_mask
 
 
+def packed_batch(ids: np.ndarray, mask: np.ndarray, index: np.ndarray, draw, batch_size: int, context_len: int):
+    """Rows of context_len positions, each holding whole examples one after another, as drawn by
+    draw() (an example's row number) until batch_size rows are full; the rest of a row is padding.
+    Returns (x, y, loss_mask, documents): documents (B, T) numbers the examples of each row, for the
+    block-diagonal attention that keeps them apart (model.document_positions); y is -100 on padding,
+    and no example's last token is asked to predict the next example."""
+    x = torch.zeros(batch_size, context_len, dtype=torch.long)
+    y = torch.full((batch_size, context_len), -100, dtype=torch.long)
+    loss_mask = torch.zeros(batch_size, context_len, dtype=torch.bool)
+    documents = torch.zeros(batch_size, context_len, dtype=torch.long)
+    row = fill = doc = 0
+    for _ in range(100 * batch_size + 1000):
+        start, end = (int(v) for v in index[draw()])
+        row_ids = np.asarray(ids[start:end], dtype=np.int64)
+        learn = np.asarray(mask[start:end], dtype=bool)
+        if len(row_ids) > context_len + 1:
+            row_ids, learn = _cut(row_ids, learn, context_len + 1)
+        n = len(row_ids) - 1
+        if n < 1:
+            continue
+        if fill + n > context_len:  # the row is full: pad it (a document of its own) and go on
+            documents[row, fill:] = doc
+            row, fill, doc = row + 1, 0, 0
+            if row == batch_size:
+                return x, y, loss_mask, documents
+        x[row, fill:fill + n] = torch.from_numpy(row_ids[:-1])
+        y[row, fill:fill + n] = torch.from_numpy(row_ids[1:])
+        loss_mask[row, fill:fill + n] = torch.from_numpy(learn[1:])
+        documents[row, fill:fill + n] = doc
+        fill, doc = fill + n, doc + 1
+    raise DataError("the examples are too short to fill a packed batch (one token each?)")
+
+
 def _cut(ids: np.ndarray, learn: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """At most `size` tokens of an example, cut at the end of a learned turn."""
     ends = np.flatnonzero(learn[:-1] & ~learn[1:]) + 1

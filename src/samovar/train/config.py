@@ -49,7 +49,8 @@ class TrainConfig:
     strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate, or FSDP2 (shard parameters and state)
     peak_flops: float | None = None  # for MFU; None: measured with a matmul at start-up; 0: no MFU
     full_val_eval: bool = False  # val loss over the whole val split (exact), not eval_steps batches
-    objective: Literal["lm", "sft"] = "lm"  # lm: next token everywhere; sft: only the answers of prompt/answer pairs
+    objective: Literal["lm", "sft"] = "lm"  # lm: next token everywhere; sft: only the assistant's turns / answers
+    pack: bool = True  # sft: several examples a row (kept apart by the attention mask), not one a row, padded
     plot: bool = True  # draw loss.png at the end
 
     def __post_init__(self):

@@ -59,7 +59,7 @@ class Trainer:
         self.cfg = cfg
         self.data = TokenData.open(data)
         self.data.check_context(model_cfg.context_len)
-        self.objective = OBJECTIVES[cfg.objective]()
+        self.objective = OBJECTIVES[cfg.objective](cfg)
         self.tokenizer = self.data.tokenizer()
         if self.tokenizer.vocab_size > model_cfg.vocab_size:
             raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} tokens, more than the "
@@ -156,7 +156,6 @@ class Trainer:
         if peak is None:
             peak = measure_peak_flops(self.device, self.dtype) * self.dist.world_size
         self.throughput = Throughput(self.model.flops_per_token(), peak)
-        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model.config.context_len
         self.bar = tqdm(total=cfg.max_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
                         mininterval=0.5, disable={True: False, False: True, None: None}[self.progress])
         self.model.train()
@@ -171,11 +170,7 @@ class Trainer:
         cfg, state = self.cfg, self.state
         lr = lr_at(cfg, state.step, self.elapsed())
         set_lr(self.optimizer, cfg, lr)
-        local, stats = 0.0, None
-        for i, micro in enumerate(self.micros):
-            stats = RouterStats() if self.model.config.n_expert else None  # routing, for expert_balance
-            local += self._micro_step(micro, i == len(self.micros) - 1, stats)
-        loss = self.dist.all_mean([local], self.device)[0]
+        loss, tokens, stats = self._accumulate(state.step)
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
@@ -191,21 +186,35 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        state.tokens_seen += self.tokens_per_step
-        self.throughput.add(self.tokens_per_step)
+        state.tokens_seen += tokens
+        self.throughput.add(tokens)
         self.bar.update(1)
         self.last = {"loss": loss, "lr": lr, "grad_norm": grad_norm,
                      "expert_balance": None if stats is None else stats.balance()}
         return True
 
-    def _micro_step(self, micro: int, last: bool, stats: RouterStats | None) -> float:
-        batch = self.batch("train", self.state.step, micro, rows=self.rows)
+    def _accumulate(self, step: int) -> tuple[float, int, RouterStats | None]:
+        """Gradients of the step's micro-batches, each weighted by its share of the step's scored
+        positions (over every rank), so that the step's loss and gradients are those of one batch of
+        them all, however the positions fall. Returns the loss, the real tokens, the last routing."""
+        batches = [self.batch("train", step, micro, rows=self.rows) for micro in self.micros]
+        scored, tokens = self.dist.all_mean([sum(b.scored for b in batches), sum(b.tokens for b in batches)],
+                                            self.device)  # each rank's mean
+        local, stats = 0.0, None
+        for i, batch in enumerate(batches):
+            stats = RouterStats() if self.model.config.n_expert else None  # routing, for expert_balance
+            local += self._micro_step(batch, batch.scored / max(scored, 1e-9), i == len(batches) - 1, stats)
+        # each rank's backward is world_size times its share, which DDP's gradient average divides back
+        return self.dist.all_mean([local], self.device)[0], round(tokens * self.dist.world_size), stats
+
+    def _micro_step(self, batch: Batch, weight: float, last: bool, stats: RouterStats | None) -> float:
+        """Backward of one micro-batch's mean loss times `weight`, its share of the step's scored positions."""
         sync = contextlib.nullcontext()
         if not last and hasattr(self.forward, "no_sync"):
             sync = self.forward.no_sync()  # DDP: all-reduce gradients once, after the last micro-batch
         with sync:
             with autocast(self.device, self.dtype):
-                loss = self.objective.loss(self.forward, batch, stats)[0] / len(self.micros)
+                loss = self.objective.loss(self.forward, batch, stats)[0] * weight
             loss.backward()
         return loss.item()
 
