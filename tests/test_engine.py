@@ -285,3 +285,27 @@ def test_streaming_decodes_each_token_a_bounded_number_of_times(tokenizer):
     text = "the quick brown fox jumps over the lazy dog. " * 40
     assert "".join(stream_text(counting, iter(tokenizer.encode(text)))) == text
     assert sum(decoded) < 6 * len(text)  # quadratic would be ~len(text)**2 / 2 = 1.6M
+
+
+def test_a_kept_prefix_is_not_prefilled_again_and_changes_nothing(trained, tokenizer):
+    """A chat's next turn reuses the keys and values of the conversation so far (PrefixCache): only
+    the new ids are prefilled, and the tokens and logits are those of a full recompute."""
+    from samovar.engine import PrefixCache
+
+    params = SamplingParams(max_tokens=8, temperature=0)
+    prefix = PrefixCache()
+    first = tokenizer.encode("the quick brown ")
+    a = list(Engine(trained).generate(first, params, prefix=prefix))
+    assert prefix.prefilled == len(first) and prefix.ids == first + a
+    second = first + a + tokenizer.encode(" over the")
+    b = list(Engine(trained).generate(second, params, prefix=prefix))
+    assert prefix.prefilled == len(tokenizer.encode(" over the"))
+    assert b == list(Engine(trained).generate(second, params))
+    for ids in (second + b, first[:5] + tokenizer.encode("lazy dog")):  # all of it cached; a prefix of it
+        keep = prefix.keep(ids)
+        with torch.inference_mode():  # (as in the Engine, where the cache was made)
+            cached = trained(torch.tensor([ids[keep:]]), kv_cache=prefix.cache)[:, -1]
+            full = trained(torch.tensor([ids]))[:, -1]
+        torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+        prefix.ids = ids  # (as the Engine records what it prefilled)
+    assert keep == 5

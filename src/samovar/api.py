@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import ModelConfig
-from .engine import Engine, GenerationError, SamplingParams, head_input_major
+from .engine import Engine, GenerationError, PrefixCache, SamplingParams, head_input_major
 from .lstm import Seq2SeqLSTM
 from .model import Transformer, build_model
 from .quantize import quantize as quantize_model
@@ -103,14 +103,15 @@ def split_at_stop(text: str, stop: tuple[str, ...], final: bool = False) -> tupl
 
 
 def new_ids(model, prompt: list[int], params: SamplingParams, stop_ids=(), vocab_limit: int | None = None,
-            compile: bool = False):
+            compile: bool = False, prefix: PrefixCache | None = None):
     """New ids from either kind of model: the Transformer's Engine (compile: its compiled one-token
     step), or the LSTM baseline's decoder (greedy only)."""
     if isinstance(model, Seq2SeqLSTM):
         if params.temperature != 0:
             raise GenerationError("the lstm-seq2seq baseline decodes greedily: use temperature 0")
         return model.generate(prompt, params.max_tokens, [] if params.ignore_eos else stop_ids)
-    return Engine(model, vocab_limit=vocab_limit, compile=compile).generate(prompt, params, stop_ids=stop_ids)
+    return Engine(model, vocab_limit=vocab_limit, compile=compile).generate(prompt, params, stop_ids=stop_ids,
+                                                                           prefix=prefix)
 
 
 def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, stream: bool = False, compile: bool = False,
@@ -126,17 +127,19 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, stream: bool
 
 
 def chat(model: Transformer, tokenizer: Tokenizer, messages: list[dict], stream: bool = False,
-         compile: bool = False, **sampling):
+         compile: bool = False, prefix: PrefixCache | None = None, **sampling):
     """The assistant's reply to `messages` (the conversation so far) as text, or an iterator of text
     pieces when stream=True: the conversation rendered with the tokenizer's chat template and a
-    generation prompt, continued until the end-of-turn token (the eos). `sampling` as for generate."""
+    generation prompt, continued until the end-of-turn token (the eos). `sampling` as for generate.
+    prefix: a PrefixCache kept across a conversation's turns (ChatSession.prefix): the earlier turns'
+    keys and values are reused, and only the new turn is prefilled."""
     from .chat import render
 
     if tokenizer is None:
         raise GenerationError("this checkpoint has no tokenizer.json; copy the model's tokenizer.json into it")
     params = sampling_params(sampling)
     return _continue(model, tokenizer, render(tokenizer, messages, add_generation_prompt=True)[0], params,
-                     stream, compile)
+                     stream, compile, prefix)
 
 
 def sampling_params(sampling: dict) -> SamplingParams:
@@ -151,10 +154,11 @@ def sampling_params(sampling: dict) -> SamplingParams:
     return params
 
 
-def _continue(model, tokenizer: Tokenizer, ids: list[int], params: SamplingParams, stream: bool, compile: bool):
+def _continue(model, tokenizer: Tokenizer, ids: list[int], params: SamplingParams, stream: bool, compile: bool,
+              prefix: PrefixCache | None = None):
     stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     pieces = stream_text(tokenizer, new_ids(model, ids, params, stop, vocab_limit=tokenizer.vocab_size,
-                                            compile=compile), params.stop)
+                                            compile=compile, prefix=prefix), params.stop)
     if stream:
         return pieces
     return "".join(pieces)

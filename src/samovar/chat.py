@@ -187,9 +187,12 @@ class ChatSession:
     the bot keep their conversations in one of these."""
 
     def __init__(self, tokenizer: Tokenizer, context_len: int, system: str | None = None):
+        from .engine import PrefixCache
+
         self.tokenizer, self.context_len = tokenizer, context_len
         self.system = system
         self.turns: list[dict] = []  # user and assistant messages, oldest first
+        self.prefix = PrefixCache()  # the keys and values of the conversation so far, for the next turn
 
     @property
     def messages(self) -> list[dict]:

@@ -192,7 +192,7 @@ def cmd_chat(args) -> None:
             print(f"(the {dropped} oldest turns no longer fit the context and were dropped)", file=sys.stderr)
         pieces = []
         try:
-            for piece in llm.chat_stream(messages, **sampling):
+            for piece in llm.chat_stream(messages, prefix=session.prefix, **sampling):
                 pieces.append(piece)
                 if terminal:
                     sys.stdout.write(piece)

@@ -142,6 +142,27 @@ def _compiled_last_logits():
                          options={"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}})
 
 
+class PrefixCache:
+    """A KV cache kept from one call to the next (a chat's turns), with the ids whose keys and values
+    it holds: a prompt that starts with those ids prefills only the rest (`prefilled` says how many)."""
+
+    def __init__(self):
+        self.cache = None
+        self.ids: list[int] = []
+        self.prefilled = 0
+
+    def keep(self, prompt: list[int]) -> int:
+        """Rewind to the longest cached prefix of `prompt` (leaving at least its last id to prefill)."""
+        n = 0
+        for a, b in zip(self.ids, prompt[:-1]):
+            if a != b:
+                break
+            n += 1
+        self.ids = self.ids[:n]
+        self.cache.rewind(n)
+        return n
+
+
 class Engine:
     """Generates token ids from a Transformer; works on ids only (text is the caller's business)."""
 
@@ -167,8 +188,10 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], params: SamplingParams, stop_ids=(),
-                 use_cache: bool = True) -> Iterator[int]:
-        """Yield new token ids one at a time; stop after max_tokens or at a stop id (not yielded)."""
+                 use_cache: bool = True, prefix: PrefixCache | None = None) -> Iterator[int]:
+        """Yield new token ids one at a time; stop after max_tokens or at a stop id (not yielded).
+        prefix: a PrefixCache kept between calls, whose cached ids this prompt need not prefill again
+        (the eager path; a compiled step sizes its own cache to each call)."""
         params.validate()
         if not prompt:
             raise GenerationError("the prompt is empty: give at least one token")
@@ -178,11 +201,12 @@ class Engine:
         was_training = self.model.training
         self.model.eval()
         try:
-            yield from self._generate(prompt, params, set() if params.ignore_eos else set(stop_ids), use_cache)
+            yield from self._generate(prompt, params, set() if params.ignore_eos else set(stop_ids), use_cache,
+                                      prefix if use_cache and not self.static else None)
         finally:
             self.model.train(was_training)
 
-    def _generate(self, prompt, params, stop_ids, use_cache):
+    def _generate(self, prompt, params, stop_ids, use_cache, prefix):
         device = self._device()
         generator = None
         if params.seed is not None and params.temperature > 0:
@@ -194,9 +218,18 @@ class Engine:
             while size < min(len(tokens) + params.max_tokens, self.context_len):
                 size *= 2
             cache = self.model.new_kv_cache(1, min(size, self.context_len), static=True)
+        elif use_cache and prefix is not None:  # the cache of an earlier call: only what is new is prefilled
+            if prefix.cache is None or prefix.cache.k[0].device != device:
+                prefix.cache, prefix.ids = self.model.new_kv_cache(1), []
+            cache = prefix.cache
         elif use_cache:
             cache = self.model.new_kv_cache(1)
-        logits = self._forward(self._ids(tokens, device), cache)  # the prompt, in one pass
+        start = 0
+        if prefix is not None:
+            start = prefix.keep(tokens)
+            prefix.prefilled = len(tokens) - start
+            prefix.ids += tokens[start:]
+        logits = self._forward(self._ids(tokens[start:], device), cache)  # the prompt, in one pass
         cached = len(tokens)
         penalties = Penalties(tokens, logits.size(-1), device) if params.penalized else None
         for _ in range(params.max_tokens):
@@ -215,9 +248,13 @@ class Engine:
                 cache.reset()
                 cached = self.context_len // 2
                 logits = self._forward(self._ids(tokens[-cached:], device), cache)
+                if prefix is not None:
+                    prefix.ids = tokens[-cached:]
             else:
                 cached += 1
                 logits = self._step(self._ids([next_id], device), cache)
+                if prefix is not None:
+                    prefix.ids.append(next_id)
 
     @staticmethod
     def _ids(ids, device):

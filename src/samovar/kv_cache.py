@@ -49,6 +49,13 @@ class KVCache:
     def advance(self, T: int):
         self.pos += T  # in place for a static cache's tensor
 
+    def rewind(self, pos: int):
+        """Forget every position from `pos` on (the next write goes there): a cached prefix kept."""
+        if self.static:
+            self.pos.fill_(pos)
+        else:
+            self.pos = pos
+
     def reset(self):
         if self.static:
             self.pos.zero_()  # the same tensor: a compiled step keeps reading it
