@@ -206,6 +206,8 @@ def test_a_long_conversation_is_cut_at_a_turn_boundary():
     assert int(learn.sum()) == 10 and learn[0, 4:9].all()  # both replies whole, nothing of the third
     first_only = masked_batch(ids[:10], mask[:10], np.array([[0, 10]]), [0], context_len=6)
     assert first_only[1][0, -1] == 9 and first_only[0].shape[1] == 6  # a long prompt loses its start
+    long_reply = masked_batch(ids[:10], np.array([0, 0] + [1] * 8, dtype=np.uint8), np.array([[0, 10]]), [0], 6)
+    assert long_reply[0][0].tolist() == [0, 1, 2, 3, 4, 5] and int(long_reply[2].sum()) == 5  # the reply's start
 
 
 # ---- memory -----------------------------------------------------------------------------------------------

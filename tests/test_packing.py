@@ -120,3 +120,33 @@ def test_accumulated_micro_batches_equal_one_batch_of_them_all(chat_data, tmp_pa
     assert trainer.last["loss"] == pytest.approx(loss.item(), rel=1e-5)
     assert trainer.last["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
     assert trainer.state.tokens_seen == sum(b.tokens for b in batches)  # real tokens, never padding
+
+
+def test_conversations_longer_than_the_context_are_counted(chat_data, tmp_path):
+    from conftest import run_cli
+
+    result = run_cli("train", "--preset", "llama-tiny", "--data", chat_data, "--out", tmp_path / "run",
+                     "--set", "objective=sft", "--set", "context_len=24", "--set", "max_steps=2",
+                     "--set", "eval_interval=2", "--set", "eval_steps=1", "--set", "device=cpu",
+                     "--set", "peak_flops=0", "--set", "batch_size=2")
+    assert result.returncode == 0, result.stderr
+    from samovar.data import TokenData
+
+    index = TokenData.open(chat_data).examples("train")[2]
+    long = int(((index[:, 1] - index[:, 0]) > 25).sum())
+    assert long > 0 and f"note: {long:,} of {len(index):,} training examples are longer than the context" in result.stdout
+
+
+def test_the_russian_chat_recipe_trains(chat_data, tmp_path):
+    from conftest import run_cli
+
+    result = run_cli("train", "--config", "russian-chat", "--data", chat_data, "--out", tmp_path / "run",
+                     "--set", "max_steps=2", "--set", "eval_interval=2", "--set", "eval_steps=1",
+                     "--set", "device=cpu", "--set", "peak_flops=0", "--set", "n_layer=1", "--set", "batch_size=2")
+    assert result.returncode == 0, result.stderr
+    sft = run_cli("train", "--init-from", tmp_path / "run", "--data", chat_data, "--out", tmp_path / "chat",
+                  "--set", "objective=sft", "--set", "max_steps=2", "--set", "eval_interval=2", "--set", "eval_steps=1",
+                  "--set", "device=cpu", "--set", "peak_flops=0", "--set", "batch_size=2")
+    assert sft.returncode == 0, sft.stderr
+    exported = run_cli("export", tmp_path / "chat", "--format", "hf", "--out", tmp_path / "hf")
+    assert exported.returncode == 0 and "qwen3" in exported.stdout

@@ -145,6 +145,9 @@ def cmd_train(args) -> None:
     print(f"model {format_count(trainer.model.num_params())} parameters on {trainer.device} "
           f"({str(trainer.dtype).removeprefix('torch.')}); run folder {out}"
           + (f", resuming at step {trainer.step}" if args.resume else "") + (f"; {budget}" if budget else ""))
+    note = trainer.objective.note(trainer.data, trainer.model.config.context_len)
+    if note:
+        print(f"note: {note}")
     result = trainer.train()
     print(f"done: step {result['step']} ({result['stop_reason']}), val loss {result.get('val_loss', 0):.4f}, "
           f"best {result['best_val_loss']:.4f}, {result['tokens_seen']:,} tokens in {result['elapsed_s']:.0f}s")

@@ -290,7 +290,8 @@ def masked_batch(ids: np.ndarray, mask: np.ndarray, index: np.ndarray, which, co
     """Examples `which` (rows of index) as (x, y, loss_mask), each (B, T): x the example's ids, y x
     shifted by one, loss_mask true where y is a token to learn. Rows are right-padded. An example
     longer than context_len + 1 is cut at a turn boundary: after the last learned turn that fits, or,
-    when not even the first fits, to the window that ends with the first (a long prompt loses its start)."""
+    when not even the first fits, to the window that ends with the first (a long prompt loses its
+    start); a first reply longer than the context itself is cut to its start."""
     rows = []
     for i in which:
         start, end = (int(v) for v in index[i])
@@ -355,6 +356,6 @@ def _cut(ids: np.ndarray, learn: np.ndarray, size: int) -> tuple[np.ndarray, np.
         return ids[:cut], learn[:cut]
     first_end, first_start = int(ends[0]), int(np.flatnonzero(learn)[0])
     begin = first_end - size
-    if begin >= first_start:
-        raise DataError(f"an answer of {first_end - first_start} tokens does not fit a context of {size - 1}")
+    if begin >= first_start:  # the first reply alone is longer than the context: its start is learned
+        return ids[:size], learn[:size]
     return ids[begin:first_end], learn[begin:first_end]

@@ -59,6 +59,10 @@ class LanguageModeling:
         if model.answers_only:
             raise ConfigError("the lstm-seq2seq baseline trains on prompt/answer pairs: set objective=sft")
 
+    def note(self, data: TokenData, context_len: int) -> str | None:
+        """What the user should know of how the data meets the model, or None."""
+        return None
+
     def batch(self, data: TokenData, split: str, generator: torch.Generator, batch_size: int,
               context_len: int, rows: slice) -> Batch:
         return Batch(*data.batch(split, batch_size, context_len, generator, rows))
@@ -90,6 +94,14 @@ class SupervisedFineTuning(LanguageModeling):
                               "with --chat FORMAT or --pairs qa|dialogue")
         if model.answers_only:
             self.pack = False  # the LSTM baseline reads one prompt a row
+
+    def note(self, data: TokenData, context_len: int) -> str | None:
+        index = data.examples("train")[2]
+        long = int(((index[:, 1] - index[:, 0]) > context_len + 1).sum())
+        if not long:
+            return None
+        return (f"{long:,} of {len(index):,} training examples are longer than the context of {context_len} tokens: "
+                "each is cut at the end of its last reply that fits (a reply longer than the context, within it)")
 
     def batch(self, data: TokenData, split: str, generator: torch.Generator, batch_size: int,
               context_len: int, rows: slice) -> Batch:
