@@ -114,7 +114,7 @@ def new_ids(model, prompt: list[int], params: SamplingParams, stop_ids=(), vocab
                                                                            prefix=prefix)
 
 
-def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, stream: bool = False, compile: bool = False,
+def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, *, stream: bool = False, compile: bool = False,
              **sampling):
     """The continuation of `prompt` as text, without the prompt (`samovar generate` prints the prompt,
     then this), or an iterator of text pieces when stream=True. `sampling`: any SamplingParams field
@@ -126,7 +126,7 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, stream: bool
     return _continue(model, tokenizer, prompt_ids(tokenizer, prompt), sampling_params(sampling), stream, compile)
 
 
-def chat(model: Transformer, tokenizer: Tokenizer, messages: list[dict], stream: bool = False,
+def chat(model: Transformer, tokenizer: Tokenizer, messages: list[dict], *, stream: bool = False,
          compile: bool = False, prefix: PrefixCache | None = None, **sampling):
     """The assistant's reply to `messages` (the conversation so far) as text, or an iterator of text
     pieces when stream=True: the conversation rendered with the tokenizer's chat template and a

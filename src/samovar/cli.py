@@ -69,15 +69,12 @@ def cmd_presets(args) -> None:
 # ---- prepare and train -------------------------------------------------------------------------------
 def cmd_prepare(args) -> None:
     from .data import ReadOptions, prepare
-    from .data.cleaning import RULES, CleanOptions
+    from .data.cleaning import CleanOptions
 
     kwargs = {"special_tokens": ()} if args.no_special_tokens else {}
     options = ReadOptions(strict=args.strict, question=args.question_column, answer=args.answer_column,
                           assistant=args.assistant, gap_hours=args.gap_hours)
-    cleaning = None if args.no_clean else CleanOptions(
-        rules=tuple(r for r in RULES if r not in args.keep), near_duplicate=args.near_duplicates or None)
-    if args.keep and cleaning is not None:
-        CleanOptions(rules=tuple(args.keep))  # a misspelt rule is named
+    cleaning = None if args.no_clean else CleanOptions.keeping(args.keep, args.near_duplicates or None)
     if args.dry_run:
         return preview_cleaning(args, options, cleaning)
     if args.out is None:

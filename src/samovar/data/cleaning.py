@@ -98,6 +98,12 @@ class CleanOptions:
 
             raise DataError(f"the near-duplicate threshold must be in (0, 1], got {self.near_duplicate}")
 
+    @classmethod
+    def keeping(cls, keep: list[str], near_duplicate: float | None = 0.9) -> "CleanOptions":
+        """Every rule but those in `keep` (each must be a rule's name)."""
+        cls(rules=tuple(keep))  # a misspelt rule is refused by name
+        return cls(rules=tuple(r for r in RULES if r not in keep), near_duplicate=near_duplicate)
+
 
 @dataclass
 class CleanReport:

@@ -66,7 +66,6 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char",
         tok = Tokenizer.load(tokenizer)
     if report:
         tok = add_chat_tokens(tok)
-    if report:
         splits, info = chat_splits(tok, report, val_fraction)
         if cleaned is not None:
             info["cleaning"] = {"changed": dict(cleaned.changed), "dropped": dict(cleaned.dropped),
