@@ -54,10 +54,12 @@ class Seq2SeqLSTM(nn.Module):
         out, state = self.decoder(self.dropout(self.tok_emb(dec_in)), state)
         return self.lm_head(self.dropout(out)), state
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_mask=None, router_stats=None):
+    def forward(self, idx, targets=None, kv_cache=None, loss_mask=None, router_stats=None, documents=None):
         """Answer logits, or (with targets) the mean cross-entropy over the answer tokens.
         Rows are split where loss_mask begins (see the module docstring). (The Transformer's
-        signature: this model keeps no KV cache and has no routers.)"""
+        signature: this model keeps no KV cache, has no routers, and reads one prompt a row.)"""
+        if documents is not None:
+            raise ValueError("the LSTM encoder-decoder reads one prompt a row: train it with pack=false")
         if loss_mask is None:
             raise ValueError("the LSTM encoder-decoder trains on prompt/answer pairs: it needs a loss_mask "
                              "(prepare the data with --pairs qa or dialogue and train with objective=sft)")

@@ -69,10 +69,8 @@ class LanguageModeling:
 
     def loss(self, forward, batch: Batch, router_stats=None) -> tuple[torch.Tensor, dict[str, float]]:
         """(mean loss, logged metrics) of `forward` (the model, or its DDP/compiled wrapper) on a batch."""
-        if batch.documents is not None:
-            return forward(batch.x, batch.y, loss_mask=batch.loss_mask, router_stats=router_stats,
-                           documents=batch.documents), {}
-        return forward(batch.x, batch.y, loss_mask=batch.loss_mask, router_stats=router_stats), {}
+        return forward(batch.x, batch.y, loss_mask=batch.loss_mask, router_stats=router_stats,
+                       documents=batch.documents), {}
 
     def full_val_loss(self, model, data: TokenData) -> float:
         """The exact loss over the whole val split: every token once, in non-overlapping windows."""
