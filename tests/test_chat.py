@@ -313,3 +313,27 @@ def test_an_exported_chat_model_renders_and_stops_as_transformers_does(chat_run,
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert generation["eos_token_id"] == config["eos_token_id"] == tok.eos_id == hf.eos_token_id
+
+
+def test_last_replies_are_the_last_runs_of_learned_tokens():
+    from samovar.evaluation import last_replies
+
+    mask = np.array([0, 1, 1, 0, 1, 1, 1, 0, 0, 0, 1, 0], dtype=np.uint8)
+    index = np.array([[0, 7], [7, 9], [9, 12]])
+    assert last_replies(mask, index) == [(0, 4, 7), (9, 10, 11)]  # the middle example learns nothing
+
+
+def test_eval_scores_the_held_out_conversations_last_turns(chat_run):
+    result = run_cli("eval", chat_run / "sft", "--data", chat_run / "chatdata", "--json", "--no-latency",
+                     "--max-examples", "8")
+    assert result.returncode == 0, result.stderr
+    r = json.loads(result.stdout)
+    assert r["task"] == "chat" and r["examples"] == 8 and 0 <= r["end_of_turn"] <= 1
+    assert r["answer_tokens"] > 0 and "most_frequent" in r and r["most_frequent_reply"]
+    dialogues = (chat_run / "dialogues.txt").read_text(encoding="utf-8")
+    for sample in r["samples"]:  # the references are turns of the dialogues, the prompt's turn before them
+        assert f"- {sample['reference']}" in dialogues and sample["prompt"] in dialogues
+    text = run_cli("eval", chat_run / "sft", "--data", chat_run / "chatdata", "--no-latency", "--max-examples", "4")
+    assert "ended with the end-of-turn token" in text.stdout and "most frequent training reply" in text.stdout
+    refused = run_cli("eval", chat_run / "sft", "--data", chat_run / "plain", "--task", "chat", "--no-latency")
+    assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1

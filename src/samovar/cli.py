@@ -4,7 +4,7 @@
     samovar prepare INPUT... --tokenizer {char,word,bpe} [--vocab-size N] --out DIR
     samovar train --preset P --data DIR --out RUN [--config FILE] [--set key=value ...] [--resume RUN]
     samovar generate RUN --prompt TEXT [--max-tokens N --temperature T --top-k K --top-p P --seed S]
-    samovar eval RUN --data FILE_OR_DIR [--task auto|lm|qa|dialogue] [--json]
+    samovar eval RUN --data FILE_OR_DIR [--task auto|lm|qa|dialogue|chat] [--json]
     samovar compare RUN_A RUN_B ... --data FILE [--out chart.png]
     samovar runs [FOLDER]          samovar plot RUN [RUN ...] --out FILE.png
     samovar import HF_FOLDER --out RUN       samovar export RUN --format hf --out DIR
@@ -408,9 +408,11 @@ def prompt_options(s) -> None:
 
 def eval_options(s) -> None:
     s.add_argument("--data", required=True, help="a text file or folder (held-out text, QA or dialogues), "
-                                                 "or a prepared data folder (its held-out tail)")
-    s.add_argument("--task", default="auto", choices=["auto", "lm", "qa", "dialogue"],
-                   help="qa and dialogue add BLEU/chrF of generated answers; auto detects the format")
+                                                 "or a prepared data folder (its held-out tail, or its "
+                                                 "validation conversations)")
+    s.add_argument("--task", default="auto", choices=["auto", "lm", "qa", "dialogue", "chat"],
+                   help="qa and dialogue add BLEU/chrF of generated answers; chat scores each conversation's "
+                        "last assistant turn; auto detects the format")
     s.add_argument("--max-examples", type=int, default=100, help="answers to generate for BLEU/chrF")
     s.add_argument("--max-tokens", type=int, default=None, help="evaluate the loss on the first N tokens only")
 

@@ -9,10 +9,17 @@ Question/answer files (`T: premise`, `Q: question`, `A: answer` blocks) and dial
 starting with "- ", dialogues separated by blank lines) become (prompt, reference) pairs: the prompt is
 everything before the answer (or the last turn), the model continues it greedily up to the end of the
 line, and sacrebleu scores the answers against the references.
+
+Conversations (task chat: a folder prepared with --chat, whose validation split is read, or a file of
+conversations) are scored on their last assistant turn: the model is given the conversation before it,
+rendered with the chat template, and answers greedily until its end-of-turn token. Beside the scores
+stand the share of replies that ended with that token (rather than running to the length limit) and,
+for a prepared folder, the scores of always giving the training split's most frequent reply.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import statistics
 import time
@@ -22,7 +29,7 @@ import numpy as np
 import torch
 
 from .data import (PAIR_FORMATS, DataError, TokenData, detect_task, find_files, masked_batch, pair_examples,
-                   read_documents)
+                   read_conversations, read_documents)
 
 
 # ---- answers of prompt/answer pairs ---------------------------------------------------------------------
@@ -75,17 +82,22 @@ def lm_metrics(model, ids, n_bytes: int | None = None, batch_size: int = 16) -> 
 
 
 # ---- question/answer and dialogue data ---------------------------------------------------------------
-def generation_metrics(answer, pairs: list[tuple[str, str]]) -> dict:
-    """BLEU and chrF (sacrebleu, corpus level) of answer(prompt) against the references."""
+def text_scores(hypotheses: list[str], references: list[str]) -> dict:
+    """BLEU and chrF (sacrebleu, corpus level) and exact match (of the stripped texts)."""
     try:
         import sacrebleu
     except ImportError:
         raise DataError("BLEU and chrF need sacrebleu: pip install 'samovar[eval]'") from None
+    return {"examples": len(references), "bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
+            "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
+            "exact_match": sum(h.strip() == r.strip() for h, r in zip(hypotheses, references)) / len(references)}
+
+
+def generation_metrics(answer, pairs: list[tuple[str, str]]) -> dict:
+    """text_scores of answer(prompt) against the references, and three samples."""
     hypotheses = [answer(prompt) for prompt, _ in pairs]
     references = [ref for _, ref in pairs]
-    return {"examples": len(pairs), "bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
-            "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
-            "exact_match": sum(h.strip() == r.strip() for h, r in zip(hypotheses, references)) / len(pairs),
+    return {**text_scores(hypotheses, references),
             "samples": [{"prompt": p, "reference": r, "answer": h}
                         for (p, r), h in list(zip(pairs, hypotheses))[:3]]}
 
@@ -109,6 +121,83 @@ def lm_answer(llm, max_tokens: int = 48):
         return llm.tokenizer.decode(out, skip_special=True).split("\n")[0].strip()
 
     return answer
+
+
+# ---- conversations: the assistant's last turn -------------------------------------------------------
+def last_replies(mask: np.ndarray, index: np.ndarray) -> list[tuple[int, int, int]]:
+    """(start, begin, stop) of each example that has learned tokens: it starts at `start`, and its last
+    run of them (the last assistant turn, end-of-turn token included) is ids[begin:stop]."""
+    out = []
+    for start, end in index:
+        learned = np.flatnonzero(mask[start:end])
+        if len(learned):
+            stop = begin = int(start + learned[-1] + 1)
+            while begin > start and mask[begin - 1]:
+                begin -= 1
+            out.append((int(start), begin, stop))
+    return out
+
+
+def chat_examples(llm, data: str | Path) -> tuple[tuple, tuple | None]:
+    """(ids, mask, index) of the conversations to score, and of a prepared folder's training split
+    (for the most-frequent-reply baseline; None for a file)."""
+    from .chat import render
+
+    path = Path(data)
+    if (path / "meta.json").exists():
+        folder = TokenData.open(path)
+        if folder.meta.get("examples", {}).get("kind") != "chat":
+            raise DataError(f"{path} holds no conversations: prepare it with --chat FORMAT")
+        if folder.tokenizer().hf.to_str() != llm.tokenizer.hf.to_str():
+            raise DataError(f"{path} was tokenized by another tokenizer than the run's: evaluate on the "
+                            "conversation file instead")
+        return folder.examples("val"), folder.examples("train")
+    report = read_conversations(find_files([path]))
+    if not report.conversations:
+        raise DataError(f"no conversations found in {data}")
+    ids, mask, index = [], [], []
+    for c in report.conversations:
+        c_ids, c_mask = render(llm.tokenizer, c.messages)
+        index.append((len(ids), len(ids) + len(c_ids)))
+        ids.extend(c_ids)
+        mask.extend(c_mask)
+    return (np.asarray(ids), np.asarray(mask), np.asarray(index).reshape(-1, 2)), None
+
+
+def chat_metrics(llm, examples: tuple, train: tuple | None, max_examples: int, max_tokens: int = 64) -> dict:
+    """Greedy replies to the conversations before their last assistant turns, scored against those
+    turns; how many ended with the end-of-turn token; the most frequent training reply's scores."""
+    from .api import new_ids
+    from .engine import SamplingParams
+
+    tok, context = llm.tokenizer, llm.model.config.context_len
+    if tok.eos_id is None:
+        raise DataError("the run's tokenizer has no end-of-turn (eos) token: is it a chat model?")
+    ids, mask, index = examples
+    spans = last_replies(mask, index)
+    spans = spans[::max(1, len(spans) // max_examples)][:max_examples]  # spread over the split
+    greedy = SamplingParams(max_tokens=max_tokens, temperature=0)
+    user = tok.hf.token_to_id("<|user|>")
+    hypotheses, references, ended, samples = [], [], 0, []
+    for start, begin, stop in spans:
+        prompt = ids[start:begin].tolist()[-(context - max_tokens):]
+        out = list(new_ids(llm.model, prompt, greedy, [tok.eos_id], vocab_limit=tok.vocab_size))
+        ended += len(out) < max_tokens  # only the end-of-turn token stops it early
+        hypotheses.append(tok.decode(out, skip_special=True).strip())
+        references.append(tok.decode(ids[begin:stop].tolist(), skip_special=True).strip())
+        if len(samples) < 3:
+            asked = prompt[len(prompt) - 1 - prompt[::-1].index(user):] if user in prompt else prompt
+            samples.append({"prompt": tok.decode(asked, skip_special=True).strip(), "reference": references[-1],
+                            "answer": hypotheses[-1]})
+    result = {**text_scores(hypotheses, references), "end_of_turn": ended / len(spans), "samples": samples}
+    if train is not None:
+        t_ids, t_mask, t_index = train
+        replies = collections.Counter(tok.decode(t_ids[begin:stop].tolist(), skip_special=True).strip()
+                                      for _, begin, stop in last_replies(t_mask, t_index))
+        frequent = replies.most_common(1)[0][0]
+        result["most_frequent_reply"] = frequent
+        result["most_frequent"] = text_scores([frequent] * len(references), references)
+    return result
 
 
 # ---- latency -----------------------------------------------------------------------------------------
@@ -149,10 +238,12 @@ def read_eval_text(path: str | Path) -> str:
 
 def evaluate(llm, data: str | Path, task: str = "auto", max_examples: int = 100, max_tokens: int | None = None,
              with_latency: bool = True, compile: bool = False) -> dict:
+    if task == "chat" or (task == "auto" and is_chat_folder(data)):
+        return evaluate_chat(llm, data, max_examples, with_latency, compile)
     text = read_eval_text(data)
     task = detect_task(text) if task == "auto" else task
     if task not in ("lm", "qa", "dialogue"):
-        raise DataError(f"unknown task {task!r}; use auto, lm, qa or dialogue")
+        raise DataError(f"unknown task {task!r}; use auto, lm, qa, dialogue or chat")
     seq2seq = llm.model.answers_only
     if seq2seq and task == "lm":
         raise DataError("the lstm-seq2seq baseline answers prompts: evaluate it on qa or dialogue data")
@@ -172,6 +263,22 @@ def evaluate(llm, data: str | Path, task: str = "auto", max_examples: int = 100,
         if max_examples > 0:
             step = max(1, len(pairs) // max_examples)  # spread the examples over the file
             result.update(generation_metrics(lm_answer(llm), pairs[::step][:max_examples]))
+    if with_latency:
+        result.update(latency(llm.model, compile=compile))
+    return result
+
+
+def is_chat_folder(data: str | Path) -> bool:
+    meta = Path(data) / "meta.json"
+    return meta.exists() and TokenData.open(data).meta.get("examples", {}).get("kind") == "chat"
+
+
+def evaluate_chat(llm, data: str | Path, max_examples: int = 100, with_latency: bool = True,
+                  compile: bool = False) -> dict:
+    examples, train = chat_examples(llm, data)
+    result = {"data": str(data), "task": "chat", **answer_metrics(llm.model, *examples)}
+    if max_examples > 0:
+        result.update(chat_metrics(llm, examples, train, max_examples))
     if with_latency:
         result.update(latency(llm.model, compile=compile))
     return result
@@ -200,6 +307,12 @@ def format_result(run, data, result: dict) -> str:
     if "bleu" in result:
         lines.append(f"  BLEU {result['bleu']:.2f}   chrF {result['chrf']:.2f}   exact match "
                      f"{result['exact_match']:.1%} ({result['examples']} examples)")
+        if "end_of_turn" in result:
+            lines.append(f"  {result['end_of_turn']:.1%} of the replies ended with the end-of-turn token")
+        if "most_frequent" in result:
+            m = result["most_frequent"]
+            lines.append(f"  always the most frequent training reply ({result['most_frequent_reply']!r}): "
+                         f"BLEU {m['bleu']:.2f}   chrF {m['chrf']:.2f}   exact match {m['exact_match']:.1%}")
         for s in result["samples"]:
             lines.append(f"    {s['prompt'].splitlines()[-1]!r} -> {s['answer']!r} (reference {s['reference']!r})")
     for key in ("perplexity", "answer_perplexity"):
