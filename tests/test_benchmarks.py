@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,3 +70,17 @@ def test_sft_benchmark_runs():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "pack=true" in result.stdout and "pack=false" in result.stdout and "x real tokens per second" in result.stdout
+
+
+@pytest.mark.slow
+def test_russian_chat_benchmark_runs_the_whole_path(tmp_path):
+    from conftest import shared_file
+
+    shared_file("ru_qa/premise_question_answer6.txt")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "russian_chat.py"), "--work", str(tmp_path),
+                             "--pretrain-minutes", "0.2", "--sft-minutes", "0.1", "--examples", "10",
+                             "--report", str(tmp_path / "report.md")], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    report = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "LSTM seq2seq baseline" in report and "always the most frequent answer" in report
+    assert report.count("> ") >= 3 and "cleaned validation" in report
