@@ -335,5 +335,10 @@ def test_eval_scores_the_held_out_conversations_last_turns(chat_run):
         assert f"- {sample['reference']}" in dialogues and sample["prompt"] in dialogues
     text = run_cli("eval", chat_run / "sft", "--data", chat_run / "chatdata", "--no-latency", "--max-examples", "4")
     assert "ended with the end-of-turn token" in text.stdout and "most frequent training reply" in text.stdout
+    from_file = run_cli("eval", chat_run / "sft", "--data", chat_run / "dialogues.txt", "--task", "chat", "--json",
+                        "--no-latency", "--max-examples", "4")
+    assert from_file.returncode == 0, from_file.stderr
+    f = json.loads(from_file.stdout)
+    assert f["examples"] == 4 and "most_frequent" not in f and f["samples"][0]["reference"] in dialogues
     refused = run_cli("eval", chat_run / "sft", "--data", chat_run / "plain", "--task", "chat", "--no-latency")
     assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1

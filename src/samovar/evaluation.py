@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import (PAIR_FORMATS, DataError, TokenData, detect_task, find_files, masked_batch, pair_examples,
-                   read_conversations, read_documents)
+from .data import (PAIR_FORMATS, DataError, TokenData, conversation_examples, detect_task, find_files, masked_batch,
+                   pair_examples, read_conversations, read_documents)
 
 
 # ---- answers of prompt/answer pairs ---------------------------------------------------------------------
@@ -141,8 +141,6 @@ def last_replies(mask: np.ndarray, index: np.ndarray) -> list[tuple[int, int, in
 def chat_examples(llm, data: str | Path) -> tuple[tuple, tuple | None]:
     """(ids, mask, index) of the conversations to score, and of a prepared folder's training split
     (for the most-frequent-reply baseline; None for a file)."""
-    from .chat import render
-
     path = Path(data)
     if (path / "meta.json").exists():
         folder = TokenData.open(path)
@@ -155,13 +153,7 @@ def chat_examples(llm, data: str | Path) -> tuple[tuple, tuple | None]:
     report = read_conversations(find_files([path]))
     if not report.conversations:
         raise DataError(f"no conversations found in {data}")
-    ids, mask, index = [], [], []
-    for c in report.conversations:
-        c_ids, c_mask = render(llm.tokenizer, c.messages)
-        index.append((len(ids), len(ids) + len(c_ids)))
-        ids.extend(c_ids)
-        mask.extend(c_mask)
-    return (np.asarray(ids), np.asarray(mask), np.asarray(index).reshape(-1, 2)), None
+    return conversation_examples(llm.tokenizer, report.conversations), None
 
 
 def chat_metrics(llm, examples: tuple, train: tuple | None, max_examples: int, max_tokens: int = 64) -> dict:

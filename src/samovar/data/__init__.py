@@ -6,9 +6,9 @@ from .conversations import (FORMATS, Conversation, ReadOptions, masked_batch, pa
                             split_by_group)
 from .corpus import TEXT_SUFFIXES, DataError, find_files, read_documents
 from .pairs import PAIR_FORMATS, detect_task, dialogue_pairs, pair_examples, qa_pairs
-from .tokens import TokenData, encode_documents, prepare, split_for_encoding, token_dtype
+from .tokens import TokenData, conversation_examples, encode_documents, prepare, split_for_encoding, token_dtype
 
 __all__ = ["Conversation", "DataError", "FORMATS", "PAIR_FORMATS", "ReadOptions", "TEXT_SUFFIXES", "TokenData",
-           "detect_task", "dialogue_pairs", "encode_documents", "find_files", "masked_batch", "packed_batch", "pair_examples",
-           "prepare", "qa_pairs", "read_conversations", "read_documents", "split_by_group", "split_for_encoding",
-           "token_dtype"]
+           "conversation_examples", "detect_task", "dialogue_pairs", "encode_documents", "find_files", "masked_batch",
+           "packed_batch", "pair_examples", "prepare", "qa_pairs", "read_conversations", "read_documents",
+           "split_by_group", "split_for_encoding", "token_dtype"]

@@ -116,20 +116,25 @@ def pair_splits(tok: Tokenizer, docs: list[str], fmt: str, val_fraction: float) 
 
 def chat_splits(tok: Tokenizer, report: ReadReport, val_fraction: float) -> tuple[dict, dict]:
     """Conversations as examples, split by conversation group."""
-    from ..chat import render
-
     splits, info = {}, {"kind": "chat", "skipped": report.skipped, "problems": report.problems}
     for split, convs in zip(("train", "val"), split_by_group(report.conversations, val_fraction)):
-        ids, mask, index = [], [], []
-        for c in convs:
-            c_ids, c_mask = render(tok, c.messages)
-            index.append((len(ids), len(ids) + len(c_ids)))
-            ids.extend(c_ids)
-            mask.extend(c_mask)
-        splits[split] = (np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8),
-                         np.asarray(index, dtype=np.int64).reshape(-1, 2))
+        splits[split] = conversation_examples(tok, convs)
         info[split] = len(convs)
     return splits, info
+
+
+def conversation_examples(tok: Tokenizer, conversations: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Conversations rendered with the tokenizer's chat template, as masked examples (ids, mask, index)."""
+    from ..chat import render
+
+    ids, mask, index = [], [], []
+    for c in conversations:
+        c_ids, c_mask = render(tok, c.messages)
+        index.append((len(ids), len(ids) + len(c_ids)))
+        ids.extend(c_ids)
+        mask.extend(c_mask)
+    return (np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8),
+            np.asarray(index, dtype=np.int64).reshape(-1, 2))
 
 
 def encode_documents(tok: Tokenizer, docs: list[str]) -> list[int]:
