@@ -342,3 +342,57 @@ def test_eval_scores_the_held_out_conversations_last_turns(chat_run):
     assert f["examples"] == 4 and "most_frequent" not in f and f["samples"][0]["reference"] in dialogues
     refused = run_cli("eval", chat_run / "sft", "--data", chat_run / "plain", "--task", "chat", "--no-latency")
     assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_an_imported_gpt2_becomes_a_chat_bot_that_transformers_runs_the_same(tmp_path):
+    """The path from an HF GPT-2 folder (its byte-level BPE and `<|endoftext|>`, no template): import,
+    `prepare --chat` with its tokenizer, fine-tune, `samovar chat`; exported back, transformers answers
+    the same conversation with the same tokens."""
+    import subprocess
+    import sys
+
+    import transformers
+    from tokenizers import ByteLevelBPETokenizer
+
+    lines = shared_file("ru_dialogues/anekdot_dialogues.txt").read_text(encoding="utf-8").splitlines()[:3000]
+    (tmp_path / "dialogues.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(lines, vocab_size=600, special_tokens=["<|endoftext|>"])
+    hf_tok = transformers.GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+                                            eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    hf_tok.save_pretrained(tmp_path / "gpt2")
+    config = transformers.GPT2Config(vocab_size=len(hf_tok), n_positions=128, n_embd=64, n_layer=2, n_head=2,
+                                     bos_token_id=hf_tok.eos_token_id, eos_token_id=hf_tok.eos_token_id)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+
+    assert run_cli("import", tmp_path / "gpt2", "--out", tmp_path / "imported").returncode == 0
+    prepared = run_cli("prepare", tmp_path / "dialogues.txt", "--chat", "dialogue", "--tokenizer",
+                       tmp_path / "imported" / "tokenizer.json", "--out", tmp_path / "chatdata")
+    assert prepared.returncode == 0, prepared.stderr
+    sft = run_cli("train", "--init-from", tmp_path / "imported", "--data", tmp_path / "chatdata", "--out",
+                  tmp_path / "sft", "--set", "objective=sft", "--set", "max_steps=30", "--set", "eval_interval=30",
+                  "--set", "batch_size=4", "--set", "eval_steps=2", "--set", "lr=3e-3", "--set", "device=cpu")
+    assert sft.returncode == 0, sft.stderr
+    assert json.loads((tmp_path / "sft" / "config.json").read_text())["vocab_size"] == len(hf_tok) + 3
+
+    said = subprocess.run([sys.executable, "-m", "samovar", "chat", str(tmp_path / "sft"), "--max-tokens", "12",
+                           "--temperature", "0"], input="Привет!\nКак дела?\n", capture_output=True, text=True,
+                          timeout=300)
+    assert said.returncode == 0, said.stderr
+    answers = said.stdout.splitlines()
+    assert len(answers) == 2 and all(a.strip() for a in answers), answers
+
+    assert run_cli("export", tmp_path / "sft", "--format", "hf", "--out", tmp_path / "hf").returncode == 0
+    theirs_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(theirs).__name__ == "GPT2LMHeadModel"
+    messages = [{"role": "user", "content": "Привет!"}, {"role": "assistant", "content": answers[0]},
+                {"role": "user", "content": "Как дела?"}]
+    prompt = theirs_tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = theirs.generate(prompt, max_new_tokens=12, do_sample=False,
+                              generation_config=transformers.GenerationConfig.from_pretrained(tmp_path / "hf"))
+    reply = theirs_tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
+    assert reply.split() == answers[1].split(), (reply, answers)
