@@ -57,34 +57,55 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
     return [start]
 
 
-def stream_text(tokenizer: Tokenizer, ids: Iterator[int], stop: tuple[str, ...] = ()) -> Iterator[str]:
-    """Text pieces from a stream of ids, in time linear in its length: each id is decoded with the few
-    ids before it (what a tokenizer's decoder needs to place spaces), bytes that do not yet form a
-    whole character are held back, and so is text that may begin a stop string. The text ends before
-    the first stop string (then the stream of ids is closed). Special tokens (bos, eos, pad) are left
-    out of the text, as HF's text-generation pipeline does."""
-    out: list[int] = []
-    prefix = read = 0  # out[prefix:read] was decoded already; out[read:] is new
-    pending = ""
-    for i in ids:
-        out.append(i)
-        before = tokenizer.decode(out[prefix:read], skip_special=True)
-        text = tokenizer.decode(out[prefix:], skip_special=True)
+class TextStream:
+    """Text from ids given one at a time, in time linear in their number: each id is decoded with the
+    few ids before it (what a tokenizer's decoder needs to place spaces), bytes that do not yet form a
+    whole character are held back, and so is text that may begin a stop string. `add` returns the text
+    that is ready; `stopped` turns true at the first stop string (the text ends before it); `finish`
+    returns what was held back. Special tokens (bos, eos, pad) are left out of the text, as HF's
+    text-generation pipeline does."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] was decoded already; ids[read:] is new
+        self.pending = ""
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special=True)
+        text = self.tokenizer.decode(self.ids[self.prefix:], skip_special=True)
         if text.endswith("\ufffd") or len(text) <= len(before):  # an incomplete UTF-8 sequence, or nothing yet
-            continue
-        pending += text[len(before):]
-        prefix, read = read, len(out)
-        ready, pending, stopped = split_at_stop(pending, stop)
+            return ""
+        self.pending += text[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
+        ready, self.pending, self.stopped = split_at_stop(self.pending, self.stop)
+        return ready
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special=True)
+        self.pending += self.tokenizer.decode(self.ids[self.prefix:], skip_special=True)[len(before):]
+        ready, self.pending, _ = split_at_stop(self.pending, self.stop, final=True)
+        return ready
+
+
+def stream_text(tokenizer: Tokenizer, ids: Iterator[int], stop: tuple[str, ...] = ()) -> Iterator[str]:
+    """Text pieces from a stream of ids (see TextStream), ending before the first stop string (then the
+    stream of ids is closed)."""
+    text = TextStream(tokenizer, stop)
+    for i in ids:
+        ready = text.add(i)
         if ready:
             yield ready
-        if stopped:
+        if text.stopped:
             close = getattr(ids, "close", None)
             if close is not None:
                 close()
             return
-    before = tokenizer.decode(out[prefix:read], skip_special=True)
-    pending += tokenizer.decode(out[prefix:], skip_special=True)[len(before):]
-    ready, _, _ = split_at_stop(pending, stop, final=True)
+    ready = text.finish()
     if ready:
         yield ready
 

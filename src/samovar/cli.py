@@ -9,6 +9,7 @@
     samovar runs [FOLDER]          samovar plot RUN [RUN ...] --out FILE.png
     samovar import HF_FOLDER --out RUN       samovar export RUN --format hf --out DIR
     samovar speedrun [--data input.txt]      samovar demo [--minutes M]
+    samovar serve RUN [--host 127.0.0.1] [--port 8000] [--api-key-env VAR] [--slots N]
 
 Errors a user can cause print one line, `samovar: error: ...`, and exit with status 2.
 """
@@ -352,6 +353,43 @@ def cmd_demo(args) -> None:
     print("-" * 72 + "\n" + sample + "\n" + "-" * 72)
 
 
+# ---- serve ---------------------------------------------------------------------------------------------
+def cmd_serve(args) -> None:
+    import os
+
+    from .api import LLM
+    from .engine import GenerationError
+    from .serve.server import create_app, serve
+
+    key = args.api_key
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env)
+        if not key:
+            raise GenerationError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
+    llm = LLM.from_path(args.run, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    if llm.tokenizer is None:
+        raise GenerationError(f"{args.run} has no tokenizer.json; copy the model's tokenizer.json into it")
+    name = args.model_name or Path(args.run).resolve().name
+    app = create_app(llm, model_name=name, api_key=key, slots=args.slots, max_waiting=args.max_waiting,
+                     keepalive_seconds=args.keep_alive)
+    serve(app, args.host, args.port, name)
+
+
+def serve_arguments(s) -> None:
+    s.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000)
+    key = s.add_mutually_exclusive_group()
+    key.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes")
+    key.add_argument("--api-key-env", default=None, metavar="VAR", help="the same, the key read from this "
+                                                                       "environment variable")
+    s.add_argument("--model-name", default=None, help="the model's id in the API (default: the run folder's name)")
+    s.add_argument("--slots", type=int, default=16, help="sequences decoded at once (continuous batching)")
+    s.add_argument("--max-waiting", type=int, default=64, help="requests that may wait for a slot before the "
+                                                              "server answers 503")
+    s.add_argument("--keep-alive", type=float, default=10.0, metavar="SECONDS",
+                   help="send a keep-alive comment on a stream that has waited this long for a token")
+
+
 # ---- options: each a function that adds its arguments to a subcommand's parser ------------------------
 def sets_option(s, what="any ModelConfig or TrainConfig field, e.g. --set n_layer=4 --set lr=3e-4") -> None:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=what)
@@ -543,6 +581,8 @@ COMMANDS = [
     ("export", cmd_export, "export a run as a HuggingFace model folder", (run_argument, export_arguments)),
     ("speedrun", cmd_speedrun, "time a recipe to a whole-split val loss on char-level Shakespeare",
      (speedrun_arguments, lambda s: sets_option(s, "override a recipe field"))),
+    ("serve", cmd_serve, "serve a run over an OpenAI-compatible HTTP API, with a web chat page at /",
+     (run_argument, serve_arguments, device_options, decode_options)),
     ("demo", cmd_demo, "download Shakespeare, train a small model, print a sample",
      (demo_arguments, lambda s: sets_option(s, "change a model or training setting of the demo"))),
 ]

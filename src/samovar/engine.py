@@ -112,6 +112,21 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def seeded_generator(params: SamplingParams, device) -> torch.Generator | None:
+    """The random generator of one sequence's draws: seeded when a seed is asked for (and used)."""
+    if params.seed is None or params.temperature == 0:
+        return None
+    return torch.Generator(device=device).manual_seed(params.seed)
+
+
+def choose(logits: torch.Tensor, params: SamplingParams, penalties: "Penalties | None",
+           generator: torch.Generator | None) -> int:
+    """One sequence's next token from its logits (1, V): penalties (when asked for), then sample."""
+    if penalties is not None:
+        logits = penalties.apply(logits, params)
+    return int(sample(logits, params, generator)[0])
+
+
 def head_input_major(model: nn.Module) -> nn.Module:
     """Store the output head's weight input-major: the same (vocab_size, C) tensor with the memory
     layout of its transpose, as channels_last is for convolutions. A decoding step multiplies one
@@ -208,9 +223,7 @@ class Engine:
 
     def _generate(self, prompt, params, stop_ids, use_cache, prefix):
         device = self._device()
-        generator = None
-        if params.seed is not None and params.temperature > 0:
-            generator = torch.Generator(device=device).manual_seed(params.seed)
+        generator = seeded_generator(params, device)
         tokens = list(prompt)
         cache = None
         if use_cache and self.static:  # attention reads the whole static buffer: size it to this call
@@ -233,9 +246,7 @@ class Engine:
         cached = len(tokens)
         penalties = Penalties(tokens, logits.size(-1), device) if params.penalized else None
         for _ in range(params.max_tokens):
-            if penalties is not None:
-                logits = penalties.apply(logits, params)
-            next_id = int(sample(logits, params, generator)[0])
+            next_id = choose(logits, params, penalties, generator)
             if next_id in stop_ids:
                 return
             yield next_id

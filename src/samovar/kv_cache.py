@@ -61,3 +61,59 @@ class KVCache:
             self.pos.zero_()  # the same tensor: a compiled step keeps reading it
         else:
             self.pos = 0
+
+
+class SlotCache:
+    """Keys and values of up to `slots` sequences at once, each at its own position: the cache of
+    continuous batching (serve/scheduler.py). A sequence takes a slot (a row) and gives it back.
+
+    A forward pass runs over a contiguous range of rows, `rows(lo, hi)`: a view that the model takes
+    as it takes a KVCache. Its `pos` (B, 1) holds each row's own position (broadcasting as a single
+    position does), new keys and values are written there, and attention sees the keys up to the
+    longest row, each row's later positions masked out.
+    """
+
+    def __init__(self, cfg: ModelConfig, slots: int, max_len: int, device=None, dtype=None):
+        heads, k_dim, v_dim = cfg.cache_shape
+        self.k = [torch.zeros((slots, heads, max_len, k_dim), device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros((slots, heads, max_len, v_dim), device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.lengths = torch.zeros((slots, 1), dtype=torch.long, device=device)
+        self.slots, self.max_len = slots, max_len
+
+    def rows(self, lo: int, hi: int) -> "SlotRows":
+        return SlotRows(self, lo, hi)
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy row src (its positions so far) into row dst: a sequence changes rows."""
+        n = int(self.lengths[src])
+        for buffers in (self.k, self.v):
+            for layer in buffers:
+                layer[dst, :, :n] = layer[src, :, :n]
+        self.lengths[dst] = n
+
+    def clear(self, row: int) -> None:
+        self.lengths[row] = 0
+
+
+class SlotRows:
+    """Rows [lo, hi) of a SlotCache, for one forward pass."""
+
+    def __init__(self, cache: SlotCache, lo: int, hi: int):
+        self.cache, self.lo, self.hi = cache, lo, hi
+        self.pos = cache.lengths[lo:hi]  # a view: advance() moves the cache's own lengths
+        self.longest = int(self.pos.max())
+
+    def update(self, layer: int, k, v):
+        B, _, T, _ = k.shape
+        end = self.longest + T
+        if end > self.cache.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len={self.cache.max_len}")
+        positions = self.pos + torch.arange(T, device=k.device)  # (B, T): each row's own
+        rows = torch.arange(B, device=k.device)[:, None]
+        keys, values = self.cache.k[layer][self.lo:self.hi], self.cache.v[layer][self.lo:self.hi]
+        keys[rows, :, positions] = k.transpose(1, 2)  # (B, T, K, D) into (B, K, max_len, D)
+        values[rows, :, positions] = v.transpose(1, 2)
+        return keys[:, :, :end], values[:, :, :end]
+
+    def advance(self, T: int):
+        self.pos += T

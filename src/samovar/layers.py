@@ -180,11 +180,10 @@ def attend(attn: nn.Module, q, k, v, kv_cache: KVCache | None, attn_mask=None):
     the keys it allows (packed documents: model.document_positions)."""
     T, start = q.size(2), 0
     if kv_cache is not None:
-        start = kv_cache.pos
+        start = kv_cache.pos  # an int; a tensor in a static cache; (B, 1), a position per row, in a SlotCache
         k, v = kv_cache.update(attn.layer, k, v)  # (B, K, S, D) with S = start + T, or max_len
-    static = kv_cache is not None and kv_cache.static
     mask = attn_mask if attn_mask is not None else \
-        causal_mask(T, start, k.size(2), attn.sliding_window, q.device, always=static)
+        causal_mask(T, start, k.size(2), attn.sliding_window, q.device, always=torch.is_tensor(start))
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=attn.scale,
         dropout_p=attn.dropout if attn.training else 0.0, enable_gqa=k.size(1) != q.size(1))
@@ -192,16 +191,17 @@ def attend(attn: nn.Module, q, k, v, kv_cache: KVCache | None, attn_mask=None):
 
 def causal_mask(T: int, start, S: int, window: int | None, device, always: bool = False):
     """A (T, S) boolean mask of the keys each of the T queries at positions start, start + 1, ...
-    may see; None when plain causal attention does (SDPA's fast path) and `always` is false."""
+    may see, or (B, 1, T, S) when start (B, 1) gives each row its own; None when plain causal
+    attention does (SDPA's fast path) and `always` is false."""
     if not always and (window is None or window >= S):
         if start == 0 or T == 1:
             return None  # no history: is_causal; one new token: it sees every cached position
-    q_pos = (torch.arange(T, device=device) + start)[:, None]
-    k_pos = torch.arange(S, device=device)[None, :]
+    q_pos = (torch.arange(T, device=device) + start)[..., None]  # (T, 1), or (B, T, 1)
+    k_pos = torch.arange(S, device=device)
     allowed = k_pos <= q_pos
     if window is not None:
         allowed &= q_pos - k_pos < window
-    return allowed
+    return allowed if allowed.dim() == 2 else allowed[:, None]
 
 
 class LatentAttention(nn.Module):

@@ -95,13 +95,13 @@ class Transformer(nn.Module):
         balance = targets is not None and self.config.n_expert > 0 and self.config.aux_loss_coef > 0
         if balance and router_stats is None:
             router_stats = RouterStats()  # the load-balancing loss needs this pass's routing
-        start = 0 if kv_cache is None else kv_cache.pos  # an int, or a tensor in a static cache
+        start = 0 if kv_cache is None else kv_cache.pos  # an int, a tensor (static cache), or (B, 1): one a row
         if isinstance(start, int) and start + T > self.config.context_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds context_len={self.config.context_len}")
         x = self.tok_emb(idx)  # (B, T, C)
         if self.config.embed_scale:
             x = x * torch.tensor(math.sqrt(self.config.n_embd), dtype=x.dtype)
-        positions = torch.arange(T, device=idx.device) + start  # of the new tokens, (T,)
+        positions = torch.arange(T, device=idx.device) + start  # of the new tokens, (T,) or (B, T)
         attn_mask = None
         if documents is not None:  # packed rows: positions (B, T) within each document, and its mask
             if kv_cache is not None:

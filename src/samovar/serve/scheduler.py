@@ -1,0 +1,262 @@
+"""Continuous batching: many sequences decoded together, each in its own row of one SlotCache.
+
+    submit(prompt) -> waiting -> prefilling (its prompt, a chunk a step) -> decoding -> finished
+
+One thread runs the loop. Each step it
+  1. drops what was cancelled and gives the rows of finished sequences back,
+  2. decodes one token for every decoding sequence, in one forward pass over rows [0, A),
+  3. prefills one chunk of the prompt of the sequence being admitted (in row A or past it), which
+     joins the decoders once its whole prompt is in.
+The decoders stall for at most one chunk when a request arrives, and a finished or cancelled
+sequence frees its row within one step. Decoding sequences always hold rows 0..A-1: one that
+finishes gives its row to the last of them, so a step's forward pass reads one contiguous view.
+
+Each sequence draws its tokens with the same functions, in the same order, as Engine.generate
+(engine.choose, its own seeded generator and penalties), so what it gets does not depend on who
+else is decoding: under greedy decoding, the tokens a request gets alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from ..engine import GenerationError, Penalties, SamplingParams, choose, seeded_generator
+from ..kv_cache import SlotCache
+
+
+class Busy(RuntimeError):
+    """Every slot is taken and the queue of waiting requests is full."""
+
+
+@dataclass
+class Token:
+    id: int
+    logprob: float | None = None  # of this token under the model (raw logits), when asked for
+    top: list[tuple[int, float]] = field(default_factory=list)  # the likeliest tokens and their logprobs
+
+
+class Sequence:
+    """One request: its prompt, how to sample, and the tokens it gets, which its reader takes by
+    iterating (`for token in seq`, or `async for` when it was submitted with an event loop).
+    `finish_reason` is "stop" (a stop id) or "length" (max_tokens) once it has ended."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, stop_ids=(), logprobs: int | None = None,
+                 echo: bool = False, loop: asyncio.AbstractEventLoop | None = None):
+        self.prompt, self.params, self.stop_ids = list(prompt), params, set(stop_ids)
+        self.logprobs = logprobs  # None: none; n: the token's logprob and the n likeliest alternatives
+        self.echo = echo  # also the logprobs of the prompt's tokens (the first has none)
+        self.prompt_logprobs: list[Token] = []
+        self.finish_reason: str | None = None
+        self.generated = 0
+        self.cancelled = False
+        self.row: int | None = None
+        self.prefilled = 0
+        self.last: int | None = None  # the token the next decoding step feeds
+        self.generator = self.penalties = None
+        self._loop = loop
+        self._events = asyncio.Queue() if loop is not None else queue.SimpleQueue()
+
+    def cancel(self) -> None:
+        """Stop generating (the reader went away): the scheduler frees the row at its next step."""
+        self.cancelled = True
+
+    def _put(self, item) -> None:  # from the scheduler's thread: a Token, an exception, or None (the end)
+        if self._loop is None:
+            self._events.put(item)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, item)
+        except RuntimeError:  # the reader's event loop is closed: nobody is reading
+            self.cancelled = True
+
+    def __iter__(self):
+        try:
+            while (item := self._events.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            self.cancel()  # a no-op once finished
+
+    async def __aiter__(self):
+        try:
+            while (item := await self._events.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            self.cancel()
+
+    async def next_event(self, timeout: float | None = None):
+        """The next Token, None at the end, or TimeoutError after `timeout` seconds (async readers
+        that send keep-alives while they wait)."""
+        item = await asyncio.wait_for(self._events.get(), timeout)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+
+class Scheduler:
+    """Decodes the sequences submitted to it together, `slots` at a time, in a thread of its own."""
+
+    def __init__(self, model, slots: int = 16, max_waiting: int = 64, prefill_chunk: int = 256,
+                 vocab_limit: int | None = None):
+        self.model = model.eval()
+        self.context_len = model.config.context_len
+        self.slots, self.max_waiting, self.prefill_chunk = slots, max_waiting, prefill_chunk
+        self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < model.config.vocab_size else None
+        p = model.tok_emb.weight
+        self.cache = SlotCache(model.config, slots, self.context_len, p.device, p.dtype)
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.prefilling: Sequence | None = None
+        self.decoding: list[Sequence] = []  # decoding[i] holds row i
+        self.steps = 0
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="samovar-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- the readers' side ------------------------------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams, stop_ids=(), logprobs: int | None = None,
+               echo: bool = False, loop: asyncio.AbstractEventLoop | None = None) -> Sequence:
+        params.validate()
+        if not prompt:
+            raise GenerationError("the prompt is empty: give at least one token")
+        if len(prompt) + params.max_tokens > self.context_len:
+            raise GenerationError(f"the prompt's {len(prompt)} tokens and max_tokens={params.max_tokens} "
+                                  f"exceed the model's context of {self.context_len}")
+        seq = Sequence(prompt, params, () if params.ignore_eos else stop_ids, logprobs, echo, loop)
+        with self._wake:
+            if self._closed:
+                raise GenerationError("the scheduler is closed")
+            if len(self.waiting) >= self.max_waiting + self.slots - self.active:  # free slots take some soon
+                raise Busy(f"all {self.slots} slots are busy and {len(self.waiting)} requests wait")
+            self.waiting.append(seq)
+            self._wake.notify()
+        return seq
+
+    @property
+    def active(self) -> int:
+        """How many sequences hold a row (decoding or being prefilled)."""
+        return len(self.decoding) + (self.prefilling is not None)
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not (self.waiting or self.prefilling or self.decoding):
+                    self._wake.wait()
+                if self._closed:
+                    break
+                if self.prefilling is None and self.waiting and len(self.decoding) < self.slots:
+                    self._admit(self.waiting.popleft())
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception as error:  # the model failed: every active sequence gets the error, none hangs
+                for seq in [*self.decoding, *([self.prefilling] if self.prefilling else [])]:
+                    seq._put(error)
+                self.decoding, self.prefilling = [], None
+        for seq in [*self.waiting, *self.decoding, *([self.prefilling] if self.prefilling else [])]:
+            seq._put(GenerationError("the server is shutting down"))
+
+    def _step(self) -> None:
+        for seq in [s for s in self.decoding if s.cancelled]:
+            self._retire(seq, None)
+        if self.prefilling is not None and self.prefilling.cancelled:
+            self.prefilling = None
+        if self.decoding:
+            self._decode()
+        if self.prefilling is not None:
+            self._prefill()
+        self.steps += 1
+
+    def _admit(self, seq: Sequence) -> None:
+        if seq.cancelled:
+            return
+        seq.row = len(self.decoding)
+        self.cache.clear(seq.row)
+        self.prefilling = seq
+
+    def _prefill(self) -> None:
+        seq = self.prefilling
+        chunk = seq.prompt[seq.prefilled:seq.prefilled + self.prefill_chunk]
+        logits = self._logits(torch.tensor([chunk], device=self.cache.lengths.device),
+                              self.cache.rows(seq.row, seq.row + 1))[0]  # (T, V)
+        if seq.echo:
+            for t, target in enumerate(seq.prompt[seq.prefilled + 1:seq.prefilled + len(chunk) + 1]):
+                seq.prompt_logprobs.append(_scored(logits[t:t + 1], target, seq.logprobs or 0))
+        seq.prefilled += len(chunk)
+        if seq.prefilled < len(seq.prompt):
+            return
+        self.prefilling = None
+        row = len(self.decoding)  # the end of the decoding rows, which may have shrunk meanwhile
+        if seq.row != row:
+            self.cache.move(seq.row, row)
+            seq.row = row
+        self.decoding.append(seq)
+        seq.generator = seeded_generator(seq.params, logits.device)
+        if seq.params.penalized:
+            seq.penalties = Penalties(seq.prompt, logits.size(-1), logits.device)
+        if seq.params.max_tokens == 0:
+            self._retire(seq, "length")
+            return
+        self._emit(seq, logits[-1:])
+
+    def _decode(self) -> None:
+        decoding = list(self.decoding)
+        last = torch.tensor([[s.last] for s in decoding], device=self.cache.lengths.device)
+        logits = self._logits(last, self.cache.rows(0, len(decoding)))[:, -1]  # (A, V)
+        for i, seq in enumerate(decoding):
+            self._emit(seq, logits[i:i + 1])
+
+    def _logits(self, idx, rows):
+        logits = self.model(idx, kv_cache=rows)
+        if self.vocab_limit is not None:
+            logits[..., self.vocab_limit:] = float("-inf")
+        return logits
+
+    def _emit(self, seq: Sequence, logits) -> None:
+        """Choose the sequence's next token from its logits (1, V) and hand it to the reader."""
+        token = choose(logits, seq.params, seq.penalties, seq.generator)
+        if token in seq.stop_ids:
+            self._retire(seq, "stop")
+            return
+        seq._put(_scored(logits, token, seq.logprobs) if seq.logprobs is not None else Token(token))
+        seq.generated += 1
+        seq.last = token
+        if seq.penalties is not None:
+            seq.penalties.add(token)
+        if seq.generated >= seq.params.max_tokens:
+            self._retire(seq, "length")
+
+    def _retire(self, seq: Sequence, reason: str | None) -> None:
+        """The sequence has ended: its row goes to the last decoding sequence."""
+        i = self.decoding.index(seq)
+        last = self.decoding.pop()
+        if last is not seq:
+            self.cache.move(last.row, seq.row)
+            last.row = seq.row
+            self.decoding[i] = last
+        seq.finish_reason = reason
+        seq._put(None)
+
+
+def _scored(logits, token: int, top: int) -> Token:
+    """The token with its logprob and the `top` likeliest tokens', from logits (1, V)."""
+    logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+    best = torch.topk(logprobs, top) if top else None
+    return Token(token, float(logprobs[token]),
+                 [] if best is None else list(zip(best.indices.tolist(), best.values.tolist())))
