@@ -45,7 +45,7 @@ def test_lstm_learns_answers_and_generates(tok):
     examples = pair_examples(tok, qa_pairs(QA), "qa")
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     first = None
-    for step in range(60):
+    for step in range(150):  # 60 steps is on the edge: some seeds and CPUs still misspell the answer
         x, y, mask = masked_batch(*examples, range((step * 16) % 280, (step * 16) % 280 + 16), 128)
         loss = model(x, y, loss_mask=mask)
         first = first if first is not None else loss.item()
