@@ -38,62 +38,14 @@ CONFIGS = {
 }
 
 
-def write_gguf(hf, path: Path, q8: bool = False) -> None:
+def write_gguf(hf_folder: str, path: Path, q8: bool = False) -> None:
     """The HF LLaMA's weights as an f32 (or, q8=True, llama.cpp's 8-bit Q8_0 for the matrices) GGUF
-    file llama.cpp loads (no vocabulary: llama-bench feeds random token ids). llama.cpp rotates
-    interleaved pairs, so the q and k rows of each head are reordered from HF's [first half, second
-    half] to [h0, s0, h1, s1, ...]."""
-    import gguf
+    file llama.cpp loads, written by samovar's exporter without a vocabulary (llama-bench feeds
+    random token ids)."""
+    from samovar.interop.gguf import export_gguf
+    from samovar.interop.hf import import_hf
 
-    def add(name, tensor):
-        data = tensor.contiguous().numpy()
-        if q8 and data.ndim == 2:
-            w.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
-                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            w.add_tensor(name, data)
-
-    cfg = hf.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") else cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_tokenizer_model("none")
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8 else gguf.LlamaFileType.ALL_F32)
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-    def interleave(weight, heads):
-        rows, cols = weight.shape
-        return weight.reshape(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-             "post_attention_layernorm": "ffn_norm"}
-    state = hf.state_dict()
-    add("token_embd.weight", state["model.embed_tokens.weight"])
-    add("output_norm.weight", state["model.norm.weight"])
-    if not cfg.tie_word_embeddings:
-        add("output.weight", state["lm_head.weight"])
-    for i in range(cfg.num_hidden_layers):
-        for hf_name, name in names.items():
-            t = state[f"model.layers.{i}.{hf_name}.weight"]
-            if name == "attn_q":
-                t = interleave(t, cfg.num_attention_heads)
-            elif name == "attn_k":
-                t = interleave(t, cfg.num_key_value_heads)
-            add(f"blk.{i}.{name}.weight", t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    export_gguf(import_hf(hf_folder)[0], None, path, kind="q8_0" if q8 else "f32", weights_only=True)
 
 
 def llama_bench(binary: str, model: Path, prompt_tokens: int, new_tokens: int) -> float:
@@ -135,7 +87,7 @@ def main() -> None:
                 if args.int8:
                     peers["llama.cpp q8_0"] = Path(folder) / "model-q8.gguf"
                 for peer, file in peers.items():
-                    write_gguf(hf, file, q8=peer.endswith("q8_0"))
+                    write_gguf(folder, file, q8=peer.endswith("q8_0"))
             n_params = sum(p.numel() for p in ours.parameters())
             prompt = [(7 * i) % cfg.vocab_size for i in range(1, args.prompt_tokens + 1)]
             params = SamplingParams(max_tokens=args.new_tokens, temperature=0)

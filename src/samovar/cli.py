@@ -7,7 +7,7 @@
     samovar eval RUN --data FILE_OR_DIR [--task auto|lm|qa|dialogue|chat] [--json]
     samovar compare RUN_A RUN_B ... --data FILE [--out chart.png]
     samovar runs [FOLDER]          samovar plot RUN [RUN ...] --out FILE.png
-    samovar import HF_FOLDER --out RUN       samovar export RUN --format hf --out DIR
+    samovar import HF_FOLDER|FILE.gguf --out RUN       samovar export RUN --format hf|gguf --out DIR_OR_FILE
     samovar speedrun [--data input.txt]      samovar demo [--minutes M]
     samovar serve RUN [--host 127.0.0.1] [--port 8000] [--api-key-env VAR] [--slots N]
 
@@ -318,7 +318,12 @@ def cmd_import(args) -> None:
     from .checkpoint import save_checkpoint
     from .interop.hf import import_hf
 
-    model, tokenizer = import_hf(args.folder)
+    if args.folder.endswith(".gguf"):
+        from .interop.gguf import import_gguf
+
+        model, tokenizer = import_gguf(args.folder)
+    else:
+        model, tokenizer = import_hf(args.folder)
     save_checkpoint(args.out, model, tokenizer)
     print(f"imported a {model.config.family} model, {format_count(model.num_params())} parameters"
           + ("" if tokenizer else " (no tokenizer.json found: add one before generating)") + f" -> {args.out}")
@@ -329,6 +334,12 @@ def cmd_export(args) -> None:
     from .interop.hf import export_hf
 
     model, tokenizer = load(args.run, device="cpu", dtype="fp32")
+    if args.format == "gguf":
+        from .interop.gguf import export_gguf
+
+        export_gguf(model, tokenizer, args.out, args.type)
+        print(f"exported {args.run} as a {args.type} GGUF file -> {args.out}")
+        return
     export_hf(model, tokenizer, args.out)
     model_type = json.loads((Path(args.out) / "config.json").read_text())["model_type"]
     print(f"exported {args.run} as a HuggingFace {model_type} model -> {args.out}")
@@ -532,13 +543,16 @@ def plot_arguments(s) -> None:
 
 
 def import_arguments(s) -> None:
-    s.add_argument("folder", help="a folder with config.json and model.safetensors (or pytorch_model.bin)")
+    s.add_argument("folder", help="a folder with config.json and model.safetensors (or pytorch_model.bin), "
+                                  "or a .gguf file")
     s.add_argument("--out", required=True, help="the checkpoint folder to write")
 
 
 def export_arguments(s) -> None:
-    s.add_argument("--format", default="hf", choices=["hf"], help="hf: transformers' from_pretrained layout")
-    s.add_argument("--out", required=True, help="the folder to write")
+    s.add_argument("--format", default="hf", choices=["hf", "gguf"],
+                   help="hf: transformers' from_pretrained layout (a folder); gguf: one file llama.cpp loads")
+    s.add_argument("--out", required=True, help="the folder (hf) or the .gguf file to write")
+    s.add_argument("--type", default="f32", choices=["f32", "f16", "q8_0"], help="gguf: the matrices' type")
 
 
 def speedrun_arguments(s) -> None:

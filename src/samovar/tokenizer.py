@@ -82,8 +82,7 @@ class Tokenizer:
             vocab = {c: i for i, c in enumerate(sorted(chars))}  # nanoGPT's order: ids of sorted chars
             for s in specials:
                 vocab.setdefault(s, len(vocab))
-            hf = HFTokenizer(models.WordLevel(vocab, unk_token=UNK if UNK in vocab else None))
-            hf.pre_tokenizer = pre_tokenizers.Split(Regex(CHAR_SPLIT), behavior="isolated")
+            return cls.from_chars(vocab, specials)
         elif kind == "word":
             counts = Counter()
             split = re.compile(WORD_SPLIT)
@@ -123,6 +122,15 @@ class Tokenizer:
             hf.decoder = decoders.Fuse()  # join the pieces with nothing between them
         hf.add_special_tokens(specials)
         return cls(hf)
+
+    @classmethod
+    def from_chars(cls, vocab: dict[str, int], specials: list[str], **kwargs) -> "Tokenizer":
+        """A char tokenizer with these ids: one token a character, and the special tokens."""
+        hf = HFTokenizer(models.WordLevel(vocab, unk_token=UNK if UNK in vocab else None))
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(CHAR_SPLIT), behavior="isolated")
+        hf.decoder = decoders.Fuse()  # join the pieces with nothing between them
+        hf.add_special_tokens(specials)
+        return cls(hf, **kwargs)
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
