@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,77 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
     """The real `samovar` command in a subprocess."""
     return subprocess.run([sys.executable, "-m", "samovar", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, timeout=timeout)
+
+
+# ---- serving: a tiny chat model and `samovar serve` around it ------------------------------------------
+PAIRS = [("привет", "здравствуй!"), ("как дела?", "хорошо, спасибо."), ("кто ты?", "я самовар, я кипячу чай."),
+         ("что ты умеешь?", "заваривать чай и болтать."), ("пока", "до встречи!")]
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory):
+    """A tiny chat model that has learned a few exchanges (so it answers, and ends its turns)."""
+    import torch
+
+    from samovar.chat import add_chat_tokens, render
+    from samovar.checkpoint import save_checkpoint
+    from samovar.config import get_preset
+    from samovar.model import Transformer
+    from samovar.tokenizer import Tokenizer
+
+    corpus = " ".join(q + " " + a for q, a in PAIRS) + " the quick brown fox jumps over the lazy dog"
+    tok = add_chat_tokens(Tokenizer.train("char", [corpus]))
+    ids = []
+    for q, a in PAIRS * 4:
+        ids += render(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])[0]
+    torch.manual_seed(0)
+    model = memorize(Transformer(get_preset("llama-tiny").replace(vocab_size=tok.vocab_size, context_len=128)),
+                     ids, steps=200)
+    folder = tmp_path_factory.mktemp("chat_model") / "samovar-chat"
+    save_checkpoint(folder, model, tok)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`samovar serve FOLDER OPTIONS` in a subprocess on a free port of 127.0.0.1, started and healthy."""
+
+    def __init__(self, folder, *options, env=None):
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(folder.parent / f"server-{self.port}.log", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "samovar", "serve", str(folder), "--port", str(self.port),
+                                      "--device", "cpu", *map(str, options)], stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        deadline = time.time() + 120
+        while True:
+            assert self.proc.poll() is None, self.output()
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.2)
+
+    def health(self) -> dict:
+        import httpx
+
+        return httpx.get(self.url + "/health").json()
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.log.close()

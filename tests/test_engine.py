@@ -161,6 +161,16 @@ def test_top_k_and_top_p_restrict_the_choices():
     assert wide == {0, 1, 2, 3, 4}
 
 
+def test_extreme_but_valid_settings_still_draw_a_token():
+    """Values a fuzzer sends: a top_p or a temperature below float32's smallest number (they once
+    left no token, or overflowed the logits into NaN)."""
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]) * 30
+    g = torch.Generator().manual_seed(0)
+    for params in (SamplingParams(temperature=1.0, top_p=5e-324), SamplingParams(temperature=1e-300),
+                   SamplingParams(temperature=1e-6, top_k=2), SamplingParams(temperature=3.0, top_p=1e-45)):
+        assert int(sample(logits, params, g)) == 0
+
+
 @pytest.mark.parametrize("kw, message", [
     ({"temperature": -0.5}, "temperature must be >= 0"),
     ({"top_k": 0}, "top_k must be >= 1"),
@@ -168,7 +178,9 @@ def test_top_k_and_top_p_restrict_the_choices():
     ({"top_p": 1.5}, "top_p must be in"),
     ({"max_tokens": -1}, "max_tokens must be >= 0"),
     ({"min_p": 1.5}, "min_p must be in"),
-    ({"repetition_penalty": 0.0}, "repetition_penalty must be positive"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty must be in"),
+    ({"repetition_penalty": 1e-300}, "repetition_penalty must be in"),
+    ({"repetition_penalty": 1e9}, "repetition_penalty must be in"),
     ({"frequency_penalty": 3.0}, "frequency_penalty must be in"),
     ({"stop": [""]}, "stop string must be non-empty"),
     ({"top_q": 0.5}, "unknown sampling option 'top_q'"),

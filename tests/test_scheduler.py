@@ -53,3 +53,30 @@ def test_a_cancelled_sequence_frees_its_row_within_a_step():
             s.cancel()
     finally:
         scheduler.close()
+
+
+def test_a_sessions_next_turn_prefills_only_what_is_new_and_gets_the_same_tokens():
+    """A conversation: the second turn's prompt is the first's, its reply, and a new message. With a
+    session it starts from the first turn's kept keys and values; its tokens are those a scheduler
+    without sessions gives (greedy and seeded), and a prompt that departs early reuses only the
+    common part."""
+    torch.manual_seed(3)
+    model = Transformer(get_preset("llama-tiny").replace(context_len=256)).eval()
+    first = [5, 6, 7, 8, 9, 10]
+    for params in (SamplingParams(max_tokens=12, temperature=0), SamplingParams(max_tokens=12, temperature=0.9, seed=4)):
+        with_session, fresh = Scheduler(model, slots=3, keep_sessions=2), Scheduler(model, slots=3)
+        try:
+            reply = [t.id for t in with_session.submit(first, params, session="chat")]
+            second = first + reply + [11, 12, 13]
+            seq = with_session.submit(second, params, session="chat")
+            assert [t.id for t in seq] == [t.id for t in fresh.submit(second, params)]
+            assert seq.reused == len(first) + len(reply) - 1  # the reply's last token was never fed back
+            other = with_session.submit([5, 6, 99, 100], params, session="chat")
+            assert [t.id for t in other] == [t.id for t in fresh.submit([5, 6, 99, 100], params)]
+            assert other.reused == 2
+            for name in ("a", "b", "c"):  # only the last keep_sessions sessions stay
+                list(with_session.submit(first, params, session=name))
+            assert list(with_session.kept) == ["b", "c"]
+        finally:
+            with_session.close()
+            fresh.close()

@@ -2,8 +2,6 @@
 subprocess on 127.0.0.1, driven by the official `openai` client and by raw HTTP."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import threading
@@ -16,72 +14,9 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from samovar.api import LLM  # noqa: E402
-from samovar.chat import add_chat_tokens, render  # noqa: E402
-from samovar.checkpoint import save_checkpoint  # noqa: E402
-from samovar.config import get_preset  # noqa: E402
-from samovar.model import Transformer  # noqa: E402
-from samovar.tokenizer import Tokenizer  # noqa: E402
+from samovar.chat import render  # noqa: E402
 
-from conftest import memorize  # noqa: E402
-
-PAIRS = [("привет", "здравствуй!"), ("как дела?", "хорошо, спасибо."), ("кто ты?", "я самовар, я кипячу чай."),
-         ("что ты умеешь?", "заваривать чай и болтать."), ("пока", "до встречи!")]
-
-
-@pytest.fixture(scope="session")
-def chat_model(tmp_path_factory):
-    """A tiny chat model that has learned a few exchanges (so it answers, and ends its turns)."""
-    corpus = " ".join(q + " " + a for q, a in PAIRS) + " the quick brown fox jumps over the lazy dog"
-    tok = add_chat_tokens(Tokenizer.train("char", [corpus]))
-    ids = []
-    for q, a in PAIRS * 4:
-        ids += render(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])[0]
-    torch.manual_seed(0)
-    model = memorize(Transformer(get_preset("llama-tiny").replace(vocab_size=tok.vocab_size, context_len=128)),
-                     ids, steps=200)
-    folder = tmp_path_factory.mktemp("chat_model") / "samovar-chat"
-    save_checkpoint(folder, model, tok)
-    return folder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, folder, *options, env=None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(folder.parent / f"server-{self.port}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "samovar", "serve", str(folder), "--port", str(self.port),
-                                      "--device", "cpu", *map(str, options)], stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
-        deadline = time.time() + 120
-        while True:
-            assert self.proc.poll() is None, self.output()
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.2)
-
-    def health(self) -> dict:
-        return httpx.get(self.url + "/health").json()
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-        self.log.close()
-
+from conftest import PAIRS, Server  # noqa: E402
 
 @pytest.fixture(scope="module")
 def server(chat_model):
@@ -289,3 +224,76 @@ def test_an_api_key_guards_every_v1_route_and_is_never_logged(chat_model):
     missing = subprocess.run([sys.executable, "-m", "samovar", "serve", str(chat_model), "--api-key-env", "NOPE_X"],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "NOPE_X" in missing.stderr
+
+
+# ---- load: a full queue, waiting streams, clients that go away ----------------------------------------------
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory):
+    """An untrained model with a long context and no end token: it talks for thousands of tokens."""
+    from samovar.checkpoint import save_checkpoint
+    from samovar.config import get_preset
+    from samovar.model import Transformer
+    from samovar.tokenizer import Tokenizer
+
+    tok = Tokenizer.train("char", ["abcdefghijklmnopqrstuvwxyz "], special_tokens=())  # no eos: it never stops
+    torch.manual_seed(0)
+    model = Transformer(get_preset("llama-tiny").replace(vocab_size=tok.vocab_size, context_len=4096))
+    folder = tmp_path_factory.mktemp("slow_model") / "slow"
+    save_checkpoint(folder, model, tok)
+    return folder
+
+
+def test_a_full_server_answers_503_keeps_waiting_streams_alive_and_frees_what_clients_leave(slow_model):
+    s = Server(slow_model, "--slots", 1, "--max-waiting", 1, "--keep-alive", 0.2)
+    url = s.url + "/v1/completions"
+    long = {"prompt": "abc", "max_tokens": 4000, "temperature": 0, "stream": True}
+    try:
+        with httpx.stream("POST", url, json=long, timeout=60) as first:  # takes the one slot
+            assert first.status_code == 200 and first.headers["x-accel-buffering"] == "no"
+            streamed = first.iter_lines()  # kept: a closed iterator closes the connection
+            assert next(line for line in streamed if line.startswith("data: "))
+            with httpx.stream("POST", url, json=long, timeout=60) as second:  # waits for the slot
+                assert second.status_code == 200 and s.health()["waiting"] == 1
+                refused = httpx.post(url, json={**long, "stream": False}, timeout=60)
+                assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1, \
+                    (refused.text[:300], s.health())
+                assert refused.json()["error"]["code"] == "server_busy"
+                waiting = second.iter_lines()
+                assert next(line for line in waiting if line) == ": keep-alive"  # while it waits, comments
+        deadline = time.time() + 10  # both clients went away mid-stream: the slot and the queue empty
+        while s.health()["active"] or s.health()["waiting"]:
+            assert time.time() < deadline, s.health()
+            time.sleep(0.05)
+        whole = httpx.post(url, json={**long, "stream": False, "max_tokens": 50}, timeout=60).json()
+        assert whole["choices"][0]["finish_reason"] == "length" and whole["usage"]["completion_tokens"] == 50
+    finally:
+        s.stop()
+
+
+# ---- fuzzed from the server's own OpenAPI document ----------------------------------------------------------
+def test_the_api_fuzzed_from_its_own_schema_never_fails_and_keeps_serving(server):
+    """Every operation, 100 requests that fit the schema and 100 that do not (schemathesis): no 5xx,
+    only documented status codes, bodies as documented; the server answers afterwards."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.generation import GenerationMode
+    from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
+
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.label for op in operations} >= {"POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models"}
+    for operation in operations:
+        with_body = operation.method.upper() == "POST"  # a GET without parameters has no invalid form
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)[:2 if with_body else 1]:
+            @given(case=operation.as_strategy(generation_mode=mode))
+            @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+                      database=None)
+            def call(case):
+                response = case.call(timeout=60)
+                case.validate_response(response, checks=[not_a_server_error, status_code_conformance,
+                                                         response_schema_conformance])
+
+            call()
+    assert server.proc.poll() is None and server.health()["active"] == 0
+    assert httpx.post(server.url + "/v1/completions", json={"prompt": "the", "max_tokens": 3}).status_code == 200

@@ -10,6 +10,7 @@
     samovar import HF_FOLDER|FILE.gguf --out RUN       samovar export RUN --format hf|gguf --out DIR_OR_FILE
     samovar speedrun [--data input.txt]      samovar demo [--minutes M]
     samovar serve RUN [--host 127.0.0.1] [--port 8000] [--api-key-env VAR] [--slots N]
+    samovar telegram RUN [--token-env TELEGRAM_TOKEN] [--api-url URL] [--allow CHAT_ID]
 
 Errors a user can cause print one line, `samovar: error: ...`, and exit with status 2.
 """
@@ -386,6 +387,40 @@ def cmd_serve(args) -> None:
     serve(app, args.host, args.port, name)
 
 
+def cmd_telegram(args) -> None:
+    import asyncio
+    import os
+
+    from .api import LLM
+    from .engine import GenerationError
+    from .serve.telegram import run_bot
+
+    token = os.environ.get(args.token_env)
+    if not token:
+        raise GenerationError(f"--token-env {args.token_env}: that environment variable is not set "
+                              "(put the bot token from @BotFather in it)")
+    llm = LLM.from_path(args.run, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    if llm.tokenizer is None or llm.tokenizer.chat_template is None:
+        raise GenerationError(f"{args.run} has no chat template: fine-tune it on conversations first "
+                              "(samovar prepare --chat FORMAT ..., then train with objective=sft)")
+    database = Path(args.db) if args.db else Path(args.run) / "telegram.sqlite"
+    asyncio.run(run_bot(llm, token, sampling_of(args), database, args.api_url, args.system,
+                        set(args.allow) or None, args.slots, args.update_seconds))
+
+
+def telegram_arguments(s) -> None:
+    s.add_argument("--token-env", default="TELEGRAM_TOKEN", metavar="VAR",
+                   help="the environment variable holding the bot's token (default TELEGRAM_TOKEN)")
+    s.add_argument("--api-url", default=None, help="a self-hosted Bot API server's base URL (default: Telegram's)")
+    s.add_argument("--allow", type=int, action="append", default=[], metavar="CHAT_ID",
+                   help="answer only this chat (repeatable); others get a polite refusal")
+    s.add_argument("--system", default=None, help="the system prompt of a new chat (/system changes it per chat)")
+    s.add_argument("--db", default=None, help="the SQLite file of the conversations (default: RUN/telegram.sqlite)")
+    s.add_argument("--slots", type=int, default=16, help="replies generated at once (continuous batching)")
+    s.add_argument("--update-seconds", type=float, default=1.0,
+                   help="show a growing reply at most this often (Telegram limits edits)")
+
+
 def serve_arguments(s) -> None:
     s.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
     s.add_argument("--port", type=int, default=8000)
@@ -597,6 +632,8 @@ COMMANDS = [
      (speedrun_arguments, lambda s: sets_option(s, "override a recipe field"))),
     ("serve", cmd_serve, "serve a run over an OpenAI-compatible HTTP API, with a web chat page at /",
      (run_argument, serve_arguments, device_options, decode_options)),
+    ("telegram", cmd_telegram, "answer in Telegram: a bot that remembers each chat's conversation",
+     (run_argument, telegram_arguments, sampling_options, device_options, decode_options)),
     ("demo", cmd_demo, "download Shakespeare, train a small model, print a sample",
      (demo_arguments, lambda s: sets_option(s, "change a model or training setting of the demo"))),
 ]

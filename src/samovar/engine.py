@@ -29,6 +29,9 @@ class GenerationError(ValueError):
     pass
 
 
+GREEDY_BELOW = 1e-5  # a temperature below this decodes greedily (dividing by it would overflow, as in vLLM)
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
@@ -54,8 +57,8 @@ class SamplingParams:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
             raise GenerationError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise GenerationError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        if not 0.01 <= self.repetition_penalty <= 100:  # beyond these the logits overflow float32
+            raise GenerationError(f"repetition_penalty must be in [0.01, 100], got {self.repetition_penalty}")
         for name in ("frequency_penalty", "presence_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise GenerationError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
@@ -93,7 +96,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """Next token ids (B,) from logits (B, V): greedy at temperature 0, else top-k, then top-p
     (nucleus: the smallest set of tokens whose probability reaches top_p), then min-p, then a draw.
     (Penalties, when asked for, were applied to the logits before: Penalties.apply.)"""
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return logits.max(dim=-1).indices  # the first largest, as argmax, at a third of its cost on CPU
     logits = logits.float() / params.temperature
     if params.top_k is not None and params.top_k < logits.size(-1):
@@ -104,6 +107,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         probs = sorted_logits.softmax(dim=-1)
         # drop a token when the tokens before it already reach top_p (the first one always stays)
         drop = probs.cumsum(dim=-1) - probs >= params.top_p
+        drop[..., 0] = False  # (a top_p below float32's smallest number would otherwise drop it too)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
@@ -114,7 +118,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 def seeded_generator(params: SamplingParams, device) -> torch.Generator | None:
     """The random generator of one sequence's draws: seeded when a seed is asked for (and used)."""
-    if params.seed is None or params.temperature == 0:
+    if params.seed is None or params.temperature < GREEDY_BELOW:
         return None
     return torch.Generator(device=device).manual_seed(params.seed)
 

@@ -94,6 +94,18 @@ class SlotCache:
     def clear(self, row: int) -> None:
         self.lengths[row] = 0
 
+    def save(self, row: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of the row's keys and values so far (a conversation's, kept for its next turn)."""
+        n = int(self.lengths[row])
+        return [layer[row, :, :n].clone() for layer in self.k], [layer[row, :, :n].clone() for layer in self.v]
+
+    def load(self, row: int, keys: list[torch.Tensor], values: list[torch.Tensor], n: int) -> None:
+        """Put the first n positions of saved keys and values into the row."""
+        for buffers, saved in ((self.k, keys), (self.v, values)):
+            for layer, s in zip(buffers, saved):
+                layer[row, :, :n] = s[:, :n]
+        self.lengths[row] = n
+
 
 class SlotRows:
     """Rows [lo, hi) of a SlotCache, for one forward pass."""

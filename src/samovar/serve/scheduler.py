@@ -14,6 +14,10 @@ finishes gives its row to the last of them, so a step's forward pass reads one c
 Each sequence draws its tokens with the same functions, in the same order, as Engine.generate
 (engine.choose, its own seeded generator and penalties), so what it gets does not depend on who
 else is decoding: under greedy decoding, the tokens a request gets alone.
+
+A sequence submitted with a `session` (a chat's id) leaves a copy of its keys and values behind when
+it ends; the session's next sequence starts from the longest prefix of its prompt that they cover
+and prefills only the rest (a conversation's new turn). The last `keep_sessions` sessions are kept.
 """
 
 from __future__ import annotations
@@ -47,8 +51,11 @@ class Sequence:
     `finish_reason` is "stop" (a stop id) or "length" (max_tokens) once it has ended."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, stop_ids=(), logprobs: int | None = None,
-                 echo: bool = False, loop: asyncio.AbstractEventLoop | None = None):
+                 echo: bool = False, loop: asyncio.AbstractEventLoop | None = None, session=None):
         self.prompt, self.params, self.stop_ids = list(prompt), params, set(stop_ids)
+        self.session = session  # a key: keep this sequence's keys and values for the session's next one
+        self.tokens: list[int] = []  # the ids generated so far
+        self.reused = 0  # prompt positions taken from the session's kept keys and values, not prefilled
         self.logprobs = logprobs  # None: none; n: the token's logprob and the n likeliest alternatives
         self.echo = echo  # also the logprobs of the prompt's tokens (the first has none)
         self.prompt_logprobs: list[Token] = []
@@ -106,7 +113,7 @@ class Scheduler:
     """Decodes the sequences submitted to it together, `slots` at a time, in a thread of its own."""
 
     def __init__(self, model, slots: int = 16, max_waiting: int = 64, prefill_chunk: int = 256,
-                 vocab_limit: int | None = None):
+                 vocab_limit: int | None = None, keep_sessions: int = 64):
         self.model = model.eval()
         self.context_len = model.config.context_len
         self.slots, self.max_waiting, self.prefill_chunk = slots, max_waiting, prefill_chunk
@@ -116,6 +123,8 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.prefilling: Sequence | None = None
         self.decoding: list[Sequence] = []  # decoding[i] holds row i
+        self.kept: collections.OrderedDict = collections.OrderedDict()  # session -> (ids, keys, values)
+        self.keep_sessions = keep_sessions
         self.steps = 0
         self._wake = threading.Condition()
         self._closed = False
@@ -124,14 +133,14 @@ class Scheduler:
 
     # ---- the readers' side ------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams, stop_ids=(), logprobs: int | None = None,
-               echo: bool = False, loop: asyncio.AbstractEventLoop | None = None) -> Sequence:
+               echo: bool = False, loop: asyncio.AbstractEventLoop | None = None, session=None) -> Sequence:
         params.validate()
         if not prompt:
             raise GenerationError("the prompt is empty: give at least one token")
         if len(prompt) + params.max_tokens > self.context_len:
             raise GenerationError(f"the prompt's {len(prompt)} tokens and max_tokens={params.max_tokens} "
                                   f"exceed the model's context of {self.context_len}")
-        seq = Sequence(prompt, params, () if params.ignore_eos else stop_ids, logprobs, echo, loop)
+        seq = Sequence(prompt, params, () if params.ignore_eos else stop_ids, logprobs, echo, loop, session)
         with self._wake:
             if self._closed:
                 raise GenerationError("the scheduler is closed")
@@ -188,6 +197,12 @@ class Scheduler:
             return
         seq.row = len(self.decoding)
         self.cache.clear(seq.row)
+        if seq.session in self.kept and not seq.echo:
+            ids, keys, values = self.kept.pop(seq.session)
+            n = next((i for i, (a, b) in enumerate(zip(ids, seq.prompt[:-1])) if a != b), min(len(ids), len(seq.prompt) - 1))
+            if n:
+                self.cache.load(seq.row, keys, values, n)
+                seq.prefilled = seq.reused = n
         self.prefilling = seq
 
     def _prefill(self) -> None:
@@ -235,6 +250,7 @@ class Scheduler:
             self._retire(seq, "stop")
             return
         seq._put(_scored(logits, token, seq.logprobs) if seq.logprobs is not None else Token(token))
+        seq.tokens.append(token)
         seq.generated += 1
         seq.last = token
         if seq.penalties is not None:
@@ -243,7 +259,14 @@ class Scheduler:
             self._retire(seq, "length")
 
     def _retire(self, seq: Sequence, reason: str | None) -> None:
-        """The sequence has ended: its row goes to the last decoding sequence."""
+        """The sequence has ended: its row goes to the last decoding sequence (its keys and values,
+        when it has a session, to the kept ones)."""
+        if seq.session is not None and reason is not None:
+            cached = int(self.cache.lengths[seq.row])  # the prompt and the tokens fed back so far
+            self.kept[seq.session] = ((seq.prompt + seq.tokens)[:cached], *self.cache.save(seq.row))
+            self.kept.move_to_end(seq.session)
+            while len(self.kept) > self.keep_sessions:
+                self.kept.popitem(last=False)
         i = self.decoding.index(seq)
         last = self.decoding.pop()
         if last is not seq:

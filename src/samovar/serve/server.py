@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
@@ -33,6 +34,8 @@ from starlette.exceptions import HTTPException
 from ..api import LLM, TextStream
 from ..chat import ChatError, render
 from ..engine import GenerationError, SamplingParams
+from ..tokenizer import TokenizerError
+from .reply import KEEPALIVE, Choice
 from .scheduler import Busy, Scheduler, Token
 
 PAGE = Path(__file__).with_name("static") / "chat.html"
@@ -59,7 +62,7 @@ class Sampling(BaseModel):
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=100)] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
 
@@ -192,6 +195,10 @@ def create_app(llm: LLM, scheduler: Scheduler | None = None, model_name: str = "
         if not isinstance(raw, dict):
             raise APIError(400, "the body must be a JSON object")
         try:
+            json.dumps(raw, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "the body's text is not valid Unicode (an unpaired surrogate escape)") from None
+        try:
             req = model.model_validate(raw)
         except ValidationError as e:
             message, param = validation_message(e)
@@ -203,9 +210,22 @@ def create_app(llm: LLM, scheduler: Scheduler | None = None, model_name: str = "
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
         return req
 
+    shared_schemas: dict = {}  # the request models' parts (Message, ...), for the document's components
+
     def schema(model):
-        return {"requestBody": {"required": True, "content": {"application/json": {
-            "schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+        """The route's request body in the OpenAPI document (the route reads the body itself)."""
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        shared_schemas.update(body.pop("$defs", {}))
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": body}}}}
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            doc.setdefault("components", {}).setdefault("schemas", {}).update(shared_schemas)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.get("/health")
     async def health():
@@ -231,7 +251,7 @@ def create_app(llm: LLM, scheduler: Scheduler | None = None, model_name: str = "
             raise APIError(400, "top_logprobs needs logprobs to be true", "top_logprobs")
         try:
             prompt = render(tokenizer, [m.as_dict() for m in req.messages], add_generation_prompt=True)[0]
-        except ChatError as e:
+        except (ChatError, TokenizerError) as e:
             raise APIError(400, str(e), "messages") from None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens == 0:
@@ -402,48 +422,6 @@ def create_app(llm: LLM, scheduler: Scheduler | None = None, model_name: str = "
                 "text_offset": offsets}
 
     return app
-
-
-KEEPALIVE = "keep-alive"
-
-
-class Choice:
-    """One of a request's n replies: its sequence, the text so far, the tokens it took."""
-
-    def __init__(self, index: int, prompt: int, seq, text: TextStream):
-        self.index, self.prompt, self.seq, self.text = index, prompt, seq, text
-        self.tokens: list[Token] = []
-        self.text_parts: list[str] = []
-        self.finish_reason: str | None = None
-
-    async def pieces(self, keepalive: float | None):
-        """(text, tokens) as they come, KEEPALIVE while waiting longer than `keepalive` seconds; ends
-        at the sequence's end or at a stop string (then the sequence is cancelled)."""
-        unsent: list[Token] = []
-        while True:
-            try:
-                item = await self.seq.next_event(keepalive)
-            except (TimeoutError, asyncio.TimeoutError):
-                yield KEEPALIVE
-                continue
-            if item is None:
-                self.finish_reason = self.seq.finish_reason
-                rest = self.text.finish()
-                if rest or unsent:
-                    self.text_parts.append(rest)
-                    yield rest, unsent
-                return
-            self.tokens.append(item)
-            unsent.append(item)
-            piece = self.text.add(item.id)
-            if piece or self.text.stopped:
-                self.text_parts.append(piece)
-                yield piece, unsent
-                unsent = []
-            if self.text.stopped:
-                self.finish_reason = "stop"
-                self.seq.cancel()
-                return
 
 
 class Run:
