@@ -11,7 +11,7 @@ name that tells llama.cpp which split regex the vocabulary was trained with).
 
 Import is the same way back: llama.cpp's hyperparameters become the HF config, the tensors are
 dequantized with the `gguf` package's own code and renamed to HF's names, and the vocabulary and
-merges become a byte-level BPE tokenizer again.
+merges become a byte-level BPE tokenizer again (or a char tokenizer, when every token is one character).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from ..checkpoint import atomic_path
 from .hf import config_from_hf, config_to_hf
 from .hf_config import HFError
 from .hf_weights import _expand, state_from_hf, state_to_hf
+
 
 @dataclass(frozen=True)
 class Arch:
@@ -77,7 +78,7 @@ def split_regex(tokenizer) -> str | None:
 
 def check_exportable(cfg, tokenizer, weights_only: bool = False) -> tuple[Arch, str | None]:
     """(llama.cpp's architecture, the pre-tokenizer's name), or a one-line GGUFError saying what stops it."""
-    hf_cfg, family = config_to_hf(cfg)
+    _, family = config_to_hf(cfg)
     if family.model_type not in ARCHITECTURES:
         raise GGUFError(f"GGUF export covers the {', '.join(ARCHITECTURES)} families so far; this model is "
                         f"{family.model_type} (export it with --format hf instead)")
