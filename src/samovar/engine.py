@@ -161,6 +161,17 @@ def _compiled_last_logits():
                          options={"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}})
 
 
+def reusable(cached: list[int], prompt: list[int]) -> int:
+    """How many of the prompt's first ids the cached ids already hold, short of its last id (which is
+    prefilled in any case: its logits choose the next token)."""
+    n = 0
+    for a, b in zip(cached, prompt[:-1]):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 class PrefixCache:
     """A KV cache kept from one call to the next (a chat's turns), with the ids whose keys and values
     it holds: a prompt that starts with those ids prefills only the rest (`prefilled` says how many)."""
@@ -172,11 +183,7 @@ class PrefixCache:
 
     def keep(self, prompt: list[int]) -> int:
         """Rewind to the longest cached prefix of `prompt` (leaving at least its last id to prefill)."""
-        n = 0
-        for a, b in zip(self.ids, prompt[:-1]):
-            if a != b:
-                break
-            n += 1
+        n = reusable(self.ids, prompt)
         self.ids = self.ids[:n]
         self.cache.rewind(n)
         return n

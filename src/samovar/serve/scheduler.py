@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine import GenerationError, Penalties, SamplingParams, choose, seeded_generator
+from ..engine import GenerationError, Penalties, SamplingParams, choose, reusable, seeded_generator
 from ..kv_cache import SlotCache
 
 
@@ -199,7 +199,7 @@ class Scheduler:
         self.cache.clear(seq.row)
         if seq.session in self.kept and not seq.echo:
             ids, keys, values = self.kept.pop(seq.session)
-            n = next((i for i, (a, b) in enumerate(zip(ids, seq.prompt[:-1])) if a != b), min(len(ids), len(seq.prompt) - 1))
+            n = reusable(ids, seq.prompt)
             if n:
                 self.cache.load(seq.row, keys, values, n)
                 seq.prefilled = seq.reused = n
