@@ -106,28 +106,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(url: str, proc, output=lambda: "", seconds: float = 120) -> None:
+    """Wait for a server process to answer GET /health with 200 (failing with its output if it exits)."""
+    import httpx
+
+    deadline = time.time() + seconds
+    while True:
+        assert proc.poll() is None, output()
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, f"{url} did not start"
+        time.sleep(0.2)
+
+
 class Server:
     """`samovar serve FOLDER OPTIONS` in a subprocess on a free port of 127.0.0.1, started and healthy."""
 
     def __init__(self, folder, *options, env=None):
-        import httpx
-
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(folder.parent / f"server-{self.port}.log", "w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "samovar", "serve", str(folder), "--port", str(self.port),
                                       "--device", "cpu", *map(str, options)], stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
-        deadline = time.time() + 120
-        while True:
-            assert self.proc.poll() is None, self.output()
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.2)
+        wait_until_healthy(self.url, self.proc, self.output)
 
     def health(self) -> dict:
         import httpx

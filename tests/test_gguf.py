@@ -215,33 +215,24 @@ def trained(tmp_path_factory, tokenizer):
 
 
 class LlamaServer:
+    """llama.cpp's llama-server on a free port of 127.0.0.1, started and healthy."""
+
     def __init__(self, binary, model, context: int = 160):
         import subprocess
 
-        from conftest import free_port
-
         import httpx
+
+        from conftest import free_port, wait_until_healthy
 
         self.url = f"http://127.0.0.1:{free_port()}"
         # float32 throughout: llama.cpp's defaults keep the KV cache in f16, and its CPU flash attention
         # works in half precision too (log-probabilities then differ by ~5e-3 instead of ~1e-5)
         self.proc = subprocess.Popen([str(binary / "llama-server"), "-m", str(model), "--host", "127.0.0.1",
-                                      "--port", self.url.rsplit(":", 1)[1], "-c", str(context), "-np", "1",
-                                      "--jinja", "--no-warmup", "--cache-type-k", "f32", "--cache-type-v", "f32", "--flash-attn", "off"],
+                                      "--port", self.url.rsplit(":", 1)[1], "-c", str(context), "-np", "1", "--jinja",
+                                      "--no-warmup", "--cache-type-k", "f32", "--cache-type-v", "f32", "--flash-attn", "off"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.http = httpx.Client(base_url=self.url, timeout=120)
-        import time
-
-        deadline = time.time() + 120
-        while True:
-            assert self.proc.poll() is None, "llama-server exited"
-            try:
-                if self.http.get("/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline
-            time.sleep(0.2)
+        wait_until_healthy(self.url, self.proc)
 
     def tokenize(self, text: str) -> list[int]:
         return self.http.post("/tokenize", json={"content": text, "add_special": False,
