@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import atomic_path
-from .hf import config_from_hf, config_to_hf
+from .hf import Family, config_from_hf, config_to_hf
 from .hf_config import HFError
-from .hf_weights import _expand, state_from_hf, state_to_hf
+from .hf_weights import _expand, _permute_rope_rows, state_from_hf, state_to_hf
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,8 @@ def split_regex(tokenizer) -> str | None:
     return None
 
 
-def check_exportable(cfg, tokenizer, weights_only: bool = False) -> tuple[Arch, str | None]:
-    """(llama.cpp's architecture, the pre-tokenizer's name), or a one-line GGUFError saying what stops it."""
+def check_exportable(cfg, tokenizer, weights_only: bool = False) -> tuple[Family, str | None]:
+    """(the HF family that goes out, the pre-tokenizer's name), or a one-line GGUFError saying what stops it."""
     _, family = config_to_hf(cfg)
     if family.model_type not in ARCHITECTURES:
         raise GGUFError(f"GGUF export covers the {', '.join(ARCHITECTURES)} families so far; this model is "
@@ -88,13 +88,12 @@ def check_exportable(cfg, tokenizer, weights_only: bool = False) -> tuple[Arch, 
     if cfg.sliding_window is not None and cfg.sliding_window < cfg.context_len:
         raise GGUFError(f"llama.cpp's llama architecture has no sliding window (this model attends to "
                         f"{cfg.sliding_window} of {cfg.context_len} positions)")
-    arch = ARCHITECTURES[family.model_type]
     if weights_only:
-        return arch, None
+        return family, None
     if tokenizer is None:
         raise GGUFError("a GGUF file carries its tokenizer: this checkpoint has no tokenizer.json")
     if tokenizer.kind == "char":  # written as byte-level BPE whose merges build each character (see below)
-        return arch, PRE_TOKENIZERS[GPT2_SPLIT]
+        return family, PRE_TOKENIZERS[GPT2_SPLIT]
     if tokenizer.kind != "bpe":
         raise GGUFError(f"GGUF export needs a byte-level BPE or char tokenizer; this model's is {tokenizer.kind} "
                         "(prepare the data with --tokenizer bpe, or export with --format hf)")
@@ -102,7 +101,7 @@ def check_exportable(cfg, tokenizer, weights_only: bool = False) -> tuple[Arch, 
     if regex not in PRE_TOKENIZERS:
         raise GGUFError("this tokenizer splits text with a regex llama.cpp does not know by name, so "
                         "llama.cpp would tokenize differently")
-    return arch, PRE_TOKENIZERS[regex]
+    return family, PRE_TOKENIZERS[regex]
 
 
 def export_gguf(model, tokenizer, out: str | Path, kind: str = "f32", weights_only: bool = False) -> Path:
@@ -114,11 +113,11 @@ def export_gguf(model, tokenizer, out: str | Path, kind: str = "f32", weights_on
     if kind not in KINDS:
         raise GGUFError(f"unknown GGUF type {kind!r}; choose one of {', '.join(KINDS)}")
     cfg = model.config
-    arch, pre = check_exportable(cfg, tokenizer, weights_only)
-    _, family = config_to_hf(cfg)
+    family, pre = check_exportable(cfg, tokenizer, weights_only)
+    arch = ARCHITECTURES[family.model_type]
     state = _llamacpp_layout(state_to_hf({k: v.float().cpu() for k, v in model_state(model).items()}, cfg, family),
                              cfg, arch)
-    names = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch.name], cfg.n_layer)
+    names = _tensor_names(gguf, arch.name, cfg.n_layer)
     out = Path(out)
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch.name)
@@ -168,8 +167,9 @@ def _llamacpp_layout(state: dict[str, torch.Tensor], cfg, arch: Arch) -> dict[st
     pairs, Gemma's norms as 1 + weight, GPT-2's matrices (out, in), each layer's experts stacked."""
     out, experts = {}, {}
     for name, t in state.items():
-        if arch.pairs and name.endswith(("q_proj.weight", "k_proj.weight")):
-            t = _pairs_first(t, cfg.n_head if name.endswith("q_proj.weight") else cfg.n_kv_head)
+        if arch.pairs and name.endswith(("q_proj.weight", "k_proj.weight")):  # halves -> pairs
+            heads = cfg.n_head if name.endswith("q_proj.weight") else cfg.n_kv_head
+            t = _permute_rope_rows(t, heads, 0, cfg.head_dim, inverse=True)
         if arch.norm_plus_one and name.endswith("norm.weight"):
             t = t + 1
         if arch.conv1d and t.dim() == 2 and ".h." in name:
@@ -187,8 +187,9 @@ def _hf_layout(state: dict[str, torch.Tensor], cfg, arch: Arch) -> dict[str, tor
     """The inverse of _llamacpp_layout: an HF state dict as HF's own files hold it."""
     out = {}
     for name, t in state.items():
-        if arch.pairs and name.endswith(("q_proj.weight", "k_proj.weight")):
-            t = _halves_first(t, cfg.n_head if name.endswith("q_proj.weight") else cfg.n_kv_head)
+        if arch.pairs and name.endswith(("q_proj.weight", "k_proj.weight")):  # pairs -> halves
+            heads = cfg.n_head if name.endswith("q_proj.weight") else cfg.n_kv_head
+            t = _permute_rope_rows(t, heads, 0, cfg.head_dim, inverse=False)
         if arch.norm_plus_one and name.endswith("norm.weight"):
             t = t - 1
         if arch.conv1d and t.dim() == 2 and ".h." in name:
@@ -229,16 +230,10 @@ def _hf_config(field, arch: str, tensors: dict, path: Path) -> dict:
     return hf
 
 
-def _pairs_first(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """q or k rows from HF's [first halves, second halves] per head to llama.cpp's neighbouring pairs."""
-    rows, cols = weight.shape
-    return weight.reshape(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def _halves_first(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """The inverse of _pairs_first."""
-    rows, cols = weight.shape
-    return weight.reshape(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+def _tensor_names(gguf, arch: str, n_layer: int):
+    """gguf's map from HF tensor names to llama.cpp's, for an architecture named as in a file."""
+    by_name = {name: arch_id for arch_id, name in gguf.MODEL_ARCH_NAMES.items()}
+    return gguf.get_tensor_name_map(by_name[arch], n_layer)
 
 
 def _add_tensor(w, gguf, name: str, tensor: torch.Tensor, kind: str) -> None:
@@ -337,7 +332,7 @@ def import_gguf(path: str | Path):
         raise GGUFError(f"{path}: rope scaling ({field(f'{arch}.rope.scaling.type')}) is not read yet")
     tensors = {t.name: t for t in reader.tensors}
     cfg, family = config_from_hf(_hf_config(field, arch, tensors, path))
-    names = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], cfg.n_layer)
+    names = _tensor_names(gguf, arch, cfg.n_layer)
     hf_name = {}  # llama.cpp's name -> HF's (each layer's experts: one stacked tensor)
     for h in _expand(family.names, cfg).values():
         h = h.split("#")[0]  # GPT-2's q, k, v share c_attn
