@@ -60,7 +60,6 @@ class Sequence:
         self.echo = echo  # also the logprobs of the prompt's tokens (the first has none)
         self.prompt_logprobs: list[Token] = []
         self.finish_reason: str | None = None
-        self.generated = 0
         self.cancelled = False
         self.row: int | None = None
         self.prefilled = 0
@@ -68,6 +67,10 @@ class Sequence:
         self.generator = self.penalties = None
         self._loop = loop
         self._events = asyncio.Queue() if loop is not None else queue.SimpleQueue()
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens)
 
     def cancel(self) -> None:
         """Stop generating (the reader went away): the scheduler frees the row at its next step."""
@@ -251,7 +254,6 @@ class Scheduler:
             return
         seq._put(_scored(logits, token, seq.logprobs) if seq.logprobs is not None else Token(token))
         seq.tokens.append(token)
-        seq.generated += 1
         seq.last = token
         if seq.penalties is not None:
             seq.penalties.add(token)

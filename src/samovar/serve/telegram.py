@@ -5,9 +5,9 @@
 Each chat is a conversation (a ChatSession, trimmed to the context as in `samovar chat`) kept in
 SQLite next to the run, so that a restart loses none. Many chats talk at once: every reply is a
 sequence of the one Scheduler, decoded together with the others, and each chat's next turn starts
-from the keys and values of its last (the scheduler's sessions), prefilling only what is new. While a reply is generated the bot
-shows "typing…" (renewed every few seconds: Telegram drops it after about 5) and the text as it
-grows, at a bounded rate: a message draft in private chats (Bot API sendMessageDraft), elsewhere one
+from the keys and values of its last (the scheduler's sessions), prefilling only what is new. While
+a reply is generated the bot shows "typing…" (renewed every few seconds: Telegram drops it after
+about 5) and the text as it grows, at a bounded rate: a message draft in private chats (Bot API sendMessageDraft), elsewhere one
 message edited in place; then the whole reply is sent, in pieces below Telegram's 4,096-character
 limit. Flood-control answers (retry_after) are waited out. The token comes from an environment
 variable and never appears in a log; --api-url points the bot at a self-hosted Bot API server.
