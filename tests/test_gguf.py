@@ -244,6 +244,7 @@ class LlamaServer:
         return r.json()["tokens"]
 
     def stop(self):
+        self.http.close()
         self.proc.terminate()
         self.proc.wait(timeout=30)
 
