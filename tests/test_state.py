@@ -43,7 +43,8 @@ def test_saves_prune_to_the_last_and_the_best(tmp_path):
     assert (run.out / "best.txt").read_text().strip() == "step-0000020"
     with pytest.raises(TrainingError, match="already holds checkpoints"):
         run.start(cfg, TrainConfig(), tmp_path / "data", tokenizer, fresh=True)
-    resumed, extra = run.resume(Transformer(cfg), "cpu")
+    resumed, extra, adapter = run.resume(Transformer(cfg), "cpu")
+    assert adapter is None
     assert resumed.step == 40 and set(extra) == {"optimizer", "rng"}
 
 

@@ -33,12 +33,16 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto",
     """(model, tokenizer) from a checkpoint folder or a run folder (its latest checkpoint), in eval mode
     and, on the CPU, with its head laid out for decoding (engine.head_input_major).
     The tokenizer is None when the folder has no tokenizer.json (an HF import without one).
-    quantize="int8" or "int8wo": int8 Linear weights for faster decoding (see quantize.py)."""
+    quantize="int8" or "int8wo": int8 Linear weights for faster decoding (see quantize.py).
+    A LoRA checkpoint loads its base (refused when the base has changed) with the adapters beside
+    the weights, unmerged (`samovar merge-lora` folds them in)."""
     folder = ckpt.resolve_checkpoint(path)
     cfg = ModelConfig.load(folder / "config.json")
     dev = resolve_device(device)
     model = build_model(cfg)
-    ckpt.load_state_into(model, ckpt.load_weights(folder), str(folder))
+    if ckpt.load_checkpoint_into(model, folder) and quantize:
+        raise ckpt.CheckpointError(f"{folder} holds LoRA adapters: merge them first (samovar merge-lora "
+                                   f"{path} --out DIR), then quantize the merged model")
     model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval()
     if dev.type == "cpu":
         head_input_major(model)

@@ -8,6 +8,8 @@
       checkpoints/step-000500/    one complete checkpoint, renamed into place when fully written
         model.safetensors  config.json  tokenizer.json  trainer_state.json  optimizer.pt
         (tokenizer_config.json too, with the chat template, for a chat model)
+        (a LoRA run's: adapter.safetensors and adapter.json, naming its base, instead of
+        model.safetensors; see lora.py)
 
 A checkpoint folder is first written as `checkpoints/.tmp-*`, flushed to disk, then renamed: a crash
 at any moment leaves either the old set of checkpoints or the new one, never half a folder.
@@ -27,6 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .lora import ADAPTER_CONFIG, adapted, apply_lora, load_adapter_state, merge_lora, read_adapter, save_adapter_files
 from .quantize import is_quantized
 
 WEIGHTS = "model.safetensors"
@@ -99,9 +102,11 @@ def state_for_saving(model: torch.nn.Module, state: dict | None) -> dict[str, to
 
 
 def save_checkpoint(folder: str | Path, model, tokenizer, trainer_state: dict | None = None,
-                    optimizer_state: dict | None = None, model_state: dict | None = None) -> Path:
+                    optimizer_state: dict | None = None, model_state: dict | None = None,
+                    adapter: dict | None = None) -> Path:
     """Write a complete checkpoint folder at `folder`, atomically replacing any older one there.
-    `model_state` overrides the model's own state dict (the gathered one of a sharded model)."""
+    `model_state` overrides the model's own state dict (the gathered one of a sharded model).
+    `adapter` (lora.adapter_record): a LoRA checkpoint, holding the adapters only."""
     if is_quantized(model):
         raise CheckpointError("this model has int8 weights, for inference only; save the float model "
                               "(--quantize applies when loading)")
@@ -110,7 +115,14 @@ def save_checkpoint(folder: str | Path, model, tokenizer, trainer_state: dict | 
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-"))
     try:
         tmp.chmod(0o777 & ~_umask())
-        save_file(state_for_saving(model, model_state), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if adapter is None:
+            save_file(state_for_saving(model, model_state), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        else:
+            names = adapted(model)  # the adapters' tensors, from the (gathered) state dict when given
+            state = None if model_state is None else {
+                k: model_state[k].detach().cpu().contiguous()
+                for name in names for k in (f"{name}.lora_A.weight", f"{name}.lora_B.weight")}
+            save_adapter_files(tmp, model, adapter, state)
         (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         if tokenizer is not None:
             (tmp / "tokenizer.json").write_text(tokenizer.hf.to_str(pretty=True))
@@ -159,8 +171,13 @@ def list_checkpoints(run: str | Path) -> list[Path]:
     root = Path(run) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / WEIGHTS).exists()]
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and is_checkpoint(p)]
     return sorted(found, key=lambda p: p.name)
+
+
+def is_checkpoint(folder: Path) -> bool:
+    """A folder of weights, or of a LoRA run's adapters."""
+    return (folder / WEIGHTS).exists() or (folder / ADAPTER_CONFIG).exists()
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -168,7 +185,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
-    if (path / WEIGHTS).exists():
+    if is_checkpoint(path):
         return path
     found = list_checkpoints(path)
     if not found:
@@ -182,6 +199,27 @@ def load_weights(folder: str | Path, device="cpu") -> dict[str, torch.Tensor]:
         return load_file(str(file), device=str(device))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"cannot read weights {file}: {str(e).splitlines()[0]}") from None
+
+
+def load_checkpoint_into(model, folder: str | Path, device="cpu") -> list[str]:
+    """A checkpoint's weights into `model`: a full checkpoint's; or, for a LoRA checkpoint, its base's
+    (refused when the base has changed), then LoRA put on the model and the adapters loaded.
+    Returns the adapted modules' names ([] for a full checkpoint)."""
+    folder = Path(folder)
+    if not (folder / ADAPTER_CONFIG).exists():
+        load_state_into(model, load_weights(folder, device), str(folder))
+        return []
+    lora, base, adapters = read_adapter(folder)
+    load_state_into(model, load_weights(base, device), str(base))
+    names = apply_lora(model, lora)
+    load_adapter_state(model, adapters, str(folder))
+    return names
+
+
+def load_merged_into(model, folder: str | Path, device="cpu") -> None:
+    """A checkpoint's weights into `model`, a LoRA checkpoint's adapters merged in: a plain model."""
+    if load_checkpoint_into(model, folder, device):
+        merge_lora(model)
 
 
 def load_state_into(model, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:

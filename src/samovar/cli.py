@@ -8,6 +8,7 @@
     samovar compare RUN_A RUN_B ... --data FILE [--out chart.png]
     samovar runs [FOLDER]          samovar plot RUN [RUN ...] --out FILE.png
     samovar import HF_FOLDER|FILE.gguf --out RUN       samovar export RUN --format hf|gguf --out DIR_OR_FILE
+    samovar import PEFT_ADAPTER --base CKPT --out RUN   samovar merge-lora RUN --out DIR
     samovar speedrun [--data input.txt]      samovar demo [--minutes M]
     samovar serve RUN [--host 127.0.0.1] [--port 8000] [--api-key-env VAR] [--slots N]
     samovar telegram RUN [--token-env TELEGRAM_TOKEN] [--api-url URL] [--allow CHAT_ID]
@@ -83,10 +84,10 @@ def cmd_prepare(args) -> None:
         raise ConfigError("give --out DIR, the folder to write")
     meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                    val_fraction=args.val_fraction, context_len=args.context_len, pairs=args.pairs,
-                   chat=args.chat, chat_options=options, cleaning=cleaning, **kwargs)
+                   chat=args.chat, chat_options=options, cleaning=cleaning, preference=args.preference, **kwargs)
     examples = meta.get("examples")
-    what = "" if examples is None else (f", {examples['train']:,} + {examples['val']:,} "
-                                        + (f"{examples['format']} pairs" if examples["kind"] == "pairs" else "conversations"))
+    kinds = {"pairs": f"{(examples or {}).get('format')} pairs", "chat": "conversations", "preference": "preference pairs"}
+    what = "" if examples is None else f", {examples['train']:,} + {examples['val']:,} {kinds[examples['kind']]}"
     print(f"{meta['tokenizer']} tokenizer, vocabulary {meta['vocab_size']}: "
           f"{meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({meta['dtype']}) "
           f"from {len(meta['sources'])} file(s){what} -> {args.out}")
@@ -319,6 +320,10 @@ def cmd_import(args) -> None:
     from .checkpoint import save_checkpoint
     from .interop.hf import import_hf
 
+    if (Path(args.folder) / "adapter_config.json").exists():
+        return import_adapter(args)
+    if args.base:
+        raise ConfigError(f"--base is for a peft adapter folder, and {args.folder} has no adapter_config.json")
     if args.folder.endswith(".gguf"):
         from .interop.gguf import import_gguf
 
@@ -330,11 +335,44 @@ def cmd_import(args) -> None:
           + ("" if tokenizer else " (no tokenizer.json found: add one before generating)") + f" -> {args.out}")
 
 
+def import_adapter(args) -> None:
+    """A peft LoRA adapter onto a samovar base checkpoint: a LoRA checkpoint naming that base."""
+    from .api import load
+    from .checkpoint import resolve_checkpoint, save_checkpoint
+    from .interop.peft import load_peft
+    from .lora import adapter_record
+
+    if not args.base:
+        raise ConfigError(f"{args.folder} is a peft adapter: give --base CKPT, the samovar checkpoint of its base "
+                          "model (samovar import HF_FOLDER --out CKPT)")
+    base = resolve_checkpoint(args.base)
+    model, tokenizer = load(base, device="cpu", dtype="fp32")
+    lora = load_peft(model, args.folder)
+    save_checkpoint(args.out, model, tokenizer, adapter=adapter_record(lora, base))
+    print(f"imported a rank-{lora.rank} LoRA adapter of {', '.join(lora.targets)} onto {base} -> {args.out}")
+
+
+def cmd_merge_lora(args) -> None:
+    from .api import load
+    from .checkpoint import save_checkpoint
+    from .lora import adapted, merge_lora
+
+    model, tokenizer = load(args.run, device="cpu", dtype="fp32")
+    layers = len(adapted(model))
+    if not layers:
+        raise ConfigError(f"{args.run} holds no LoRA adapters: nothing to merge")
+    save_checkpoint(args.out, merge_lora(model), tokenizer)
+    print(f"merged the LoRA adapters of {layers} layers into the weights -> {args.out}")
+
+
 def cmd_export(args) -> None:
     from .api import load
     from .interop.hf import export_hf
+    from .lora import adapted
 
     model, tokenizer = load(args.run, device="cpu", dtype="fp32")
+    if adapted(model):
+        return export_lora(args, model, tokenizer)
     if args.format == "gguf":
         from .interop.gguf import export_gguf
 
@@ -344,6 +382,23 @@ def cmd_export(args) -> None:
     export_hf(model, tokenizer, args.out)
     model_type = json.loads((Path(args.out) / "config.json").read_text())["model_type"]
     print(f"exported {args.run} as a HuggingFace {model_type} model -> {args.out}")
+
+
+def export_lora(args, model, tokenizer) -> None:
+    """A LoRA run: its base as an HF folder, and the adapters in peft's format in its adapter/ folder."""
+    from .checkpoint import read_json, resolve_checkpoint
+    from .interop.hf import export_hf
+    from .interop.peft import save_peft
+    from .lora import ADAPTER_CONFIG, LoRAConfig
+
+    if args.format != "hf":
+        raise ConfigError(f"{args.run} holds LoRA adapters: merge them first (samovar merge-lora {args.run} --out DIR) "
+                          "to export a GGUF file")
+    record = read_json(resolve_checkpoint(args.run) / ADAPTER_CONFIG, "adapter config")
+    out = export_hf(model, tokenizer, args.out)
+    save_peft(model, LoRAConfig.from_dict(record["lora"]), out / "adapter", base_model=str(out.resolve()))
+    print(f"exported the base of {args.run} as a HuggingFace model -> {args.out}, and its LoRA adapters in "
+          f"peft's format -> {out / 'adapter'}")
 
 
 # ---- the speedrun and the demo -----------------------------------------------------------------------
@@ -538,6 +593,9 @@ def prepare_arguments(s) -> None:
                    help="--chat: drop conversations whose MinHash similarity to a kept one reaches T (0: keep them)")
     s.add_argument("--dry-run", action="store_true",
                    help="--chat: print what cleaning would change, with examples, and write nothing")
+    s.add_argument("--preference", action="store_true",
+                   help="JSONL preference pairs (prompt, chosen, rejected: TRL's format) for objective=dpo, rendered "
+                        "with the chat template of --tokenizer RUN/tokenizer.json")
 
 
 def train_arguments(s) -> None:
@@ -579,8 +637,13 @@ def plot_arguments(s) -> None:
 
 def import_arguments(s) -> None:
     s.add_argument("folder", help="a folder with config.json and model.safetensors (or pytorch_model.bin), "
-                                  "or a .gguf file")
+                                  "a .gguf file, or a peft LoRA adapter folder (with --base)")
+    s.add_argument("--base", help="for a peft adapter: the samovar checkpoint of its base model")
     s.add_argument("--out", required=True, help="the checkpoint folder to write")
+
+
+def merge_lora_arguments(s) -> None:
+    s.add_argument("--out", required=True, help="the checkpoint folder to write, with the adapters folded in")
 
 
 def export_arguments(s) -> None:
@@ -627,7 +690,10 @@ COMMANDS = [
     ("runs", cmd_runs, "list the runs under a folder with their best val loss, steps and tokens", (runs_arguments,)),
     ("plot", cmd_plot, "draw several runs' loss curves on one chart", (plot_arguments,)),
     ("import", cmd_import, "import a local HuggingFace model folder as a samovar checkpoint", (import_arguments,)),
-    ("export", cmd_export, "export a run as a HuggingFace model folder", (run_argument, export_arguments)),
+    ("export", cmd_export, "export a run as a HuggingFace model folder (a LoRA run's adapters in peft's format)",
+     (run_argument, export_arguments)),
+    ("merge-lora", cmd_merge_lora, "fold a LoRA run's adapters into its base's weights: a full checkpoint",
+     (run_argument, merge_lora_arguments)),
     ("speedrun", cmd_speedrun, "time a recipe to a whole-split val loss on char-level Shakespeare",
      (speedrun_arguments, lambda s: sets_option(s, "override a recipe field"))),
     ("serve", cmd_serve, "serve a run over an OpenAI-compatible HTTP API, with a web chat page at /",

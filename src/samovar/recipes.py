@@ -121,6 +121,7 @@ def resume_configs(run: str | Path, preset: str | None, file_values: dict, sets:
     model_cfg = ModelConfig.load(run / "config.json")
     saved = json.loads((run / "train_config.json").read_text(encoding="utf-8"))
     data = saved.pop("data", None)
+    saved.pop("init_from", None)  # (the Trainer reads it back itself)
     values = {**file_values, **sets}
     given = values.pop("preset", None) or preset
     if given is not None and given != model_cfg.name:

@@ -40,12 +40,17 @@ def token_dtype(vocab_size: int):
 def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char",
             vocab_size: int | None = None, val_fraction: float = 0.1, context_len: int | None = None,
             special_tokens=DEFAULT_SPECIALS, pairs: str | None = None, chat: str | None = None,
-            chat_options: ReadOptions | None = None, cleaning: CleanOptions | None = CleanOptions()) -> dict:
+            chat_options: ReadOptions | None = None, cleaning: CleanOptions | None = CleanOptions(),
+            preference: bool = False) -> dict:
     """Tokenize `inputs` into `out`; `tokenizer` is a kind to train or a path to tokenizer.json.
     pairs="qa" or "dialogue": prompt/answer pairs of plain text; chat=FORMAT (conversations.py):
     conversations rendered with the chat template (the tokenizer gains the chat tokens), cleaned first
     unless cleaning is None (cleaning.py). Either writes masked examples for objective=sft instead of
-    a plain token stream."""
+    a plain token stream. preference=True: JSONL preference pairs for objective=dpo (preference.py),
+    rendered with `tokenizer`'s chat template (the chat model's tokenizer.json)."""
+    if preference:
+        return prepare_preference(inputs, out, tokenizer, val_fraction, context_len,
+                                  strict=bool(chat_options and chat_options.strict))
     if pairs is not None and pairs not in PAIR_FORMATS:
         raise DataError(f"unknown pairs format {pairs!r}; use {' or '.join(PAIR_FORMATS)}")
     if pairs is not None and chat is not None:
@@ -76,6 +81,26 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char",
         ids = np.asarray(encode_documents(tok, docs), dtype=np.int64)
         n_val = max(1, int(len(ids) * val_fraction))
         splits, info = {"train": (ids[:-n_val],), "val": (ids[-n_val:],)}, None
+    return write_splits(out, tok, splits, info, files, docs, context_len)
+
+
+def prepare_preference(inputs, out, tokenizer: str, val_fraction: float, context_len: int | None,
+                       strict: bool) -> dict:
+    from .preference import preference_splits
+
+    if tokenizer in ("char", "word", "bpe"):
+        raise DataError("preference pairs need the chat model's tokenizer: --tokenizer RUN/tokenizer.json")
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    files = find_files(inputs)
+    tok = Tokenizer.load(tokenizer)
+    splits, info = preference_splits(tok, files, val_fraction, strict)
+    return write_splits(out, tok, splits, info, files, None, context_len)
+
+
+def write_splits(out, tok: Tokenizer, splits: dict, info: dict | None, files: list, docs: list[str] | None,
+                 context_len: int | None) -> dict:
+    """The splits' files, tokenizer.json and meta.json into `out`; returns the meta."""
     need = (context_len or 1) + 1
     n_train, n_val = len(splits["train"][0]), len(splits["val"][0])
     if n_train < need or n_val < need:
@@ -92,12 +117,13 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char",
     tok.save(out / "tokenizer.json")
     # bytes per split, for bits per byte: the text of each split decoded back
     val_bytes = len(tok.decode(splits["val"][0].tolist()).encode("utf-8"))
-    total_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    total_bytes = (sum(len(d.encode("utf-8")) for d in docs) if docs is not None
+                   else len(tok.decode(splits["train"][0].tolist()).encode("utf-8")) + val_bytes)
     meta = {
         "tokenizer": tok.kind, "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
         "train_tokens": int(n_train), "val_tokens": int(n_val),
         "bytes": total_bytes, "val_bytes": val_bytes,
-        "sources": [str(f) for f in files], "documents": len(docs),
+        "sources": [str(f) for f in files], "documents": len(docs) if docs is not None else len(files),
         **({"examples": info} if info else {}),
     }
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")

@@ -143,13 +143,16 @@ def import_hf(folder: str | Path):
 
 
 def export_hf(model, tokenizer, out: str | Path, max_shard_bytes: int = 2 << 30) -> Path:
-    """Write an HF model folder that `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` load."""
+    """Write an HF model folder that `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` load.
+    Of a model with LoRA adapters, the base is written (interop/peft.py writes the adapters)."""
     from ..checkpoint import model_state
+    from ..lora import adapter_state
 
     out = Path(out)
     cfg = model.config
     hf_cfg, family = config_to_hf(cfg)
-    state = state_to_hf({k: v.float().cpu() for k, v in model_state(model).items()}, cfg, family)
+    adapters = adapter_state(model)
+    state = state_to_hf({k: v.float().cpu() for k, v in model_state(model).items() if k not in adapters}, cfg, family)
     out.mkdir(parents=True, exist_ok=True)
     shards, current, size = [], {}, 0
     for name in sorted(state):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..config import ConfigError, check_choices, from_known_fields
+from ..lora import LoRAConfig
 
 
 class TrainingError(RuntimeError):
@@ -49,8 +50,19 @@ class TrainConfig:
     strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate, or FSDP2 (shard parameters and state)
     peak_flops: float | None = None  # for MFU; None: measured with a matmul at start-up; 0: no MFU
     full_val_eval: bool = False  # val loss over the whole val split (exact), not eval_steps batches
-    objective: Literal["lm", "sft"] = "lm"  # lm: next token everywhere; sft: only the assistant's turns / answers
+    objective: Literal["lm", "sft", "dpo"] = "lm"  # lm: next token everywhere; sft: only the assistant's turns /
+    # answers; dpo: preference pairs (prepare --preference), away from the rejected answers (objectives.py)
     pack: bool = True  # sft: several examples a row (kept apart by the attention mask), not one a row, padded
+    dpo_beta: float = 0.1  # dpo: how far the policy may move from the reference (the KL penalty's inverse weight)
+    dpo_loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # DPO (Rafailov 2023), IPO (Azar 2023), SLiC's hinge
+    label_smoothing: float = 0.0  # dpo sigmoid: the assumed share of flipped preference labels (conservative DPO)
+    precompute_ref: bool = False  # dpo: the reference's log-probs computed once up front, kept with the data
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on lora_targets, every other weight frozen
+    lora_alpha: float = 16.0  # the adapters' scaling is lora_alpha / lora_rank (/ sqrt(lora_rank) with use_rslora)
+    lora_dropout: float = 0.0
+    lora_targets: str = "q_proj,v_proj"  # samovar's projection names, comma-separated: q_proj, k_proj, v_proj,
+    # out_proj, gate_proj, up_proj, down_proj; latent attention's q_down, q_up, kv_down, kv_up
+    use_rslora: bool = False
     plot: bool = True  # draw loss.png at the end
 
     def __post_init__(self):
@@ -67,6 +79,20 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ConfigError(f"max_seconds must be positive, got {self.max_seconds}")
+        if self.dpo_beta <= 0:
+            raise ConfigError(f"dpo_beta must be positive, got {self.dpo_beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.lora_rank < 0:
+            raise ConfigError(f"lora_rank must be >= 0 (0: no LoRA), got {self.lora_rank}")
+        self.lora()  # the LoRA settings are checked too
+
+    def lora(self) -> LoRAConfig | None:
+        """The LoRA settings, or None when the whole model trains (lora_rank=0)."""
+        if not self.lora_rank:
+            return None
+        targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        return LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, targets, self.use_rslora)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -38,7 +38,7 @@ from .objectives import OBJECTIVES, Batch
 from .optim import make_optimizer
 from .parallelize import parallelize
 from .schedule import lr_at, set_lr
-from .state import RunFolder, RunState, init_from, restore_optimizer, restore_rng
+from .state import RunFolder, RunState, init_from, restore_optimizer, restore_rng, start_lora
 
 
 def split_batch(cfg: TrainConfig, world: Dist) -> tuple[list[int], slice]:
@@ -76,8 +76,11 @@ class Trainer:
         self.objective.check(self.model, self.data)
         self.run = RunFolder(out, self.dist)
         self.out = self.run.out
-        self.metrics = MetricsLog(self.out, self.dist.is_main)
-        self.state, saved = self._start(resume, init_from)
+        self.metrics = MetricsLog(self.out, self.dist.is_main, self.objective.columns)
+        self.init_from = init_from if init_from is not None or not resume else self.run.saved_init_from()
+        self.adapter = None  # a LoRA run's adapter record (lora.adapter_record): its checkpoints hold adapters only
+        self.state, saved = self._start(resume, self.init_from)
+        self.objective.start(self.model, self.data, self.init_from, self.device, self.dtype)
         self.forward = parallelize(self.model, cfg, self.dist, self.device)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         if saved is not None:
@@ -92,14 +95,14 @@ class Trainer:
         """The run's state: resumed from its latest checkpoint, or new (from init_run's weights when
         given). A run killed before its first checkpoint starts again from step 0."""
         if resume and self.run.has_checkpoints():
-            state, saved = self.run.resume(self.model, self.device)
+            state, saved, self.adapter = self.run.resume(self.model, self.device, self.cfg.lora())
             budget = self.cfg.max_seconds
             if budget is not None and state.elapsed >= budget:
                 raise TrainingError(f"{self.out} has already trained {state.elapsed:.1f} s, beyond max_seconds="
                                     f"{budget:g} (the budget of the whole run): for {budget:g} s more, give "
                                     f"--set max_seconds={state.elapsed + budget:.0f}")
             if self.dist.is_main:
-                self.run.save_train_config(self.cfg, self.data.folder)
+                self.run.save_train_config(self.cfg, self.data.folder, self.init_from)
                 self.metrics.truncate(state.step)
             self.dist.barrier()
             return state, saved
@@ -107,7 +110,11 @@ class Trainer:
             raise CheckpointError(f"{self.out} does not exist: nothing to resume")
         if init_run is not None:
             init_from(init_run, self.model, self.tokenizer, self.device)
-        self.run.start(self.model.config, self.cfg, self.data.folder, self.tokenizer, fresh=not resume)
+        lora = self.cfg.lora()
+        if lora is not None:
+            self.adapter = start_lora(self.model, lora, init_run)
+        self.run.start(self.model.config, self.cfg, self.data.folder, self.tokenizer, fresh=not resume,
+                       init_from=init_run)
         self.metrics.start()
         return RunState(), None
 
@@ -170,7 +177,7 @@ class Trainer:
         cfg, state = self.cfg, self.state
         lr = lr_at(cfg, state.step, self.elapsed())
         set_lr(self.optimizer, cfg, lr)
-        loss, tokens, stats = self._accumulate(state.step)
+        loss, tokens, stats, metrics = self._accumulate(state.step)
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
@@ -190,33 +197,42 @@ class Trainer:
         self.throughput.add(tokens)
         self.bar.update(1)
         self.last = {"loss": loss, "lr": lr, "grad_norm": grad_norm,
-                     "expert_balance": None if stats is None else stats.balance()}
+                     "expert_balance": None if stats is None else stats.balance(), **metrics}
         return True
 
-    def _accumulate(self, step: int) -> tuple[float, int, RouterStats | None]:
+    def _accumulate(self, step: int) -> tuple[float, int, RouterStats | None, dict[str, float]]:
         """Gradients of the step's micro-batches, each weighted by its share of the step's scored
         positions (over every rank), so that the step's loss and gradients are those of one batch of
-        them all, however the positions fall. Returns the loss, the real tokens, the last routing."""
+        them all, however the positions fall. Returns the loss, the real tokens, the last routing and
+        the objective's metrics (weighted as the loss is)."""
         batches = [self.batch("train", step, micro, rows=self.rows) for micro in self.micros]
         scored, tokens = self.dist.all_mean([sum(b.scored for b in batches), sum(b.tokens for b in batches)],
                                             self.device)  # each rank's mean
-        local, stats = 0.0, None
+        local, stats, metrics = 0.0, None, dict.fromkeys(self.objective.columns, 0.0)
         for i, batch in enumerate(batches):
             stats = RouterStats() if self.model.config.n_expert else None  # routing, for expert_balance
-            local += self._micro_step(batch, batch.scored / max(scored, 1e-9), i == len(batches) - 1, stats)
+            weight = batch.scored / max(scored, 1e-9)
+            loss, logged = self._micro_step(batch, weight, i == len(batches) - 1, stats)
+            local += loss
+            for k in metrics:
+                metrics[k] += logged[k] * weight
         # each rank's backward is world_size times its share, which DDP's gradient average divides back
-        return self.dist.all_mean([local], self.device)[0], round(tokens * self.dist.world_size), stats
+        means = self.dist.all_mean([local, *metrics.values()], self.device)
+        return means[0], round(tokens * self.dist.world_size), stats, dict(zip(metrics, means[1:]))
 
-    def _micro_step(self, batch: Batch, weight: float, last: bool, stats: RouterStats | None) -> float:
-        """Backward of one micro-batch's mean loss times `weight`, its share of the step's scored positions."""
+    def _micro_step(self, batch: Batch, weight: float, last: bool, stats: RouterStats | None
+                    ) -> tuple[float, dict[str, float]]:
+        """Backward of one micro-batch's mean loss times `weight`, its share of the step's scored
+        positions; returns that weighted loss and the objective's metrics of the micro-batch."""
         sync = contextlib.nullcontext()
         if not last and hasattr(self.forward, "no_sync"):
             sync = self.forward.no_sync()  # DDP: all-reduce gradients once, after the last micro-batch
         with sync:
             with autocast(self.device, self.dtype):
-                loss = self.objective.loss(self.forward, batch, stats)[0] * weight
+                loss, logged = self.objective.loss(self.forward, batch, stats)
+                loss = loss * weight
             loss.backward()
-        return loss.item()
+        return loss.item(), logged
 
     def batch(self, split: str, step: int, micro: int = 0, offset: int = 0, rows: slice = slice(None)) -> Batch:
         """One micro-batch of the objective's kind, drawn from a generator seeded by (seed, step, micro)."""
@@ -233,7 +249,8 @@ class Trainer:
                 "grad_norm": None if last["grad_norm"] is None else round(last["grad_norm"], 4),
                 "tokens_per_s": round(tps, 1), "mfu": None if mfu is None else round(mfu, 4),
                 "tokens": self.state.tokens_seen, "elapsed_s": round(self.elapsed(), 2),
-                "expert_balance": last["expert_balance"]}
+                "expert_balance": last["expert_balance"],
+                **{k: round(last[k], 5) for k in self.objective.columns}}
 
     def _finish(self, stop_reason: str) -> dict:
         state = self.state
@@ -299,7 +316,8 @@ class Trainer:
     def save(self) -> Path:
         self.state.elapsed = self.elapsed()  # the time so far goes into the checkpoint
         self.session_start = time.time()
-        return self.run.save(self.state, self.model, self.tokenizer, self.optimizer, self.fsdp, self.cfg.keep_last)
+        return self.run.save(self.state, self.model, self.tokenizer, self.optimizer, self.fsdp, self.cfg.keep_last,
+                             self.adapter)
 
     def plot(self) -> None:
         plot_runs([self.out], self.out / "loss.png")

@@ -22,9 +22,11 @@ class MetricsLog:
     """RUN/metrics.csv, a row per logged step, and RUN/tensorboard when the extra is installed.
     Written by the main process only: on other ranks every method does nothing."""
 
-    def __init__(self, run: Path, main: bool):
+    def __init__(self, run: Path, main: bool, extra: tuple[str, ...] = ()):
         self.file = run / "metrics.csv"
         self.main = main
+        self.columns = COLUMNS + list(extra)  # extra: the objective's own metrics (DPO's rewards)
+        self.scalars = SCALARS + tuple(extra)
         self.last_step = 0  # of the last row written
         self.writer = None
         if main:
@@ -38,7 +40,7 @@ class MetricsLog:
     def start(self) -> None:
         """A new file holding the header only."""
         if self.main:
-            ckpt.atomic_write_text(self.file, ",".join(COLUMNS) + "\n")
+            ckpt.atomic_write_text(self.file, ",".join(self.columns) + "\n")
         self.last_step = 0
 
     def truncate(self, step: int) -> None:
@@ -57,7 +59,7 @@ class MetricsLog:
             kept.append(r)
             last = n
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, COLUMNS, lineterminator="\n", extrasaction="ignore")
+        writer = csv.DictWriter(buf, self.columns, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(kept)
         ckpt.atomic_write_text(self.file, buf.getvalue())
@@ -71,10 +73,10 @@ class MetricsLog:
             self.truncate(row["step"] - 1)
         self.last_step = row["step"]
         with self.file.open("a", newline="") as f:
-            csv.DictWriter(f, COLUMNS, lineterminator="\n").writerow(
-                {k: ("" if row.get(k) is None else row[k]) for k in COLUMNS})
+            csv.DictWriter(f, self.columns, lineterminator="\n").writerow(
+                {k: ("" if row.get(k) is None else row[k]) for k in self.columns})
         if self.writer is not None:
-            for k in SCALARS:
+            for k in self.scalars:
                 if row.get(k) not in (None, ""):
                     self.writer.add_scalar(k, float(row[k]), row["step"])
             self.writer.flush()

@@ -17,6 +17,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..config import ConfigError, ModelConfig
+from ..lora import ADAPTER_CONFIG, LoRAConfig, adapter_record, apply_lora, is_adapter_checkpoint
 from ..runtime import Dist
 from ..tokenizer import Tokenizer
 from .config import TrainConfig, TrainingError
@@ -59,7 +60,8 @@ class RunFolder:
     def has_checkpoints(self) -> bool:
         return bool(ckpt.list_checkpoints(self.out))
 
-    def start(self, model_cfg: ModelConfig, cfg: TrainConfig, data: Path, tokenizer: Tokenizer, fresh: bool) -> None:
+    def start(self, model_cfg: ModelConfig, cfg: TrainConfig, data: Path, tokenizer: Tokenizer, fresh: bool,
+              init_from: str | Path | None = None) -> None:
         """Write the run's config files (rank 0); a fresh run refuses a folder that holds checkpoints."""
         if self.dist.is_main:
             if fresh and self.has_checkpoints():
@@ -67,40 +69,51 @@ class RunFolder:
                                     "continue it, or choose another --out")
             self.out.mkdir(parents=True, exist_ok=True)
             model_cfg.save(self.out / "config.json")
-            self.save_train_config(cfg, data)
+            self.save_train_config(cfg, data, init_from)
             tokenizer.save(self.out / "tokenizer.json")
         self.dist.barrier()
 
-    def save_train_config(self, cfg: TrainConfig, data: Path) -> None:
-        record = {**cfg.to_dict(), "data": str(data)}
+    def save_train_config(self, cfg: TrainConfig, data: Path, init_from: str | Path | None) -> None:
+        record = {**cfg.to_dict(), "data": str(data),
+                  **({"init_from": str(Path(init_from).resolve())} if init_from is not None else {})}
         ckpt.atomic_write_text(self.out / "train_config.json", json.dumps(record, indent=2) + "\n")
 
-    def resume(self, model, device) -> tuple[RunState, dict]:
-        """Weights into `model` and the counters from the latest complete checkpoint; returns them with
-        its optimizer.pt contents (optimizer and RNG states)."""
+    def saved_init_from(self) -> str | None:
+        """The --init-from the run was started with (DPO's reference), from its train_config.json."""
+        file = self.out / "train_config.json"
+        return json.loads(file.read_text(encoding="utf-8")).get("init_from") if file.exists() else None
+
+    def resume(self, model, device, lora: LoRAConfig | None = None) -> tuple[RunState, dict, dict | None]:
+        """Weights into `model` (a LoRA run's: its base's, then the adapters) and the counters from the
+        latest complete checkpoint; returns them with its optimizer.pt contents (optimizer and RNG
+        states) and, for a LoRA run, its adapter record."""
         folder = ckpt.resolve_checkpoint(self.out)
         saved = ModelConfig.load(folder / "config.json")
         if saved != model.config:
             raise ConfigError(f"the model config differs from the one of {folder}; resume with the same "
                               "preset and --set values")
-        ckpt.load_state_into(model, ckpt.load_weights(folder, device), str(folder))
+        adapter = ckpt.read_json(folder / ADAPTER_CONFIG, "adapter config") if is_adapter_checkpoint(folder) else None
+        if (adapter is None) != (lora is None) or (lora is not None and LoRAConfig.from_dict(adapter["lora"]) != lora):
+            raise ConfigError(f"--resume: the LoRA settings (lora_*) cannot change from those of {folder}")
+        ckpt.load_checkpoint_into(model, folder, device)
         state = RunState.from_json(ckpt.read_json(folder / "trainer_state.json", "trainer state"))
         extra = ckpt.load_optimizer_state(folder)
         if extra is None:
             raise ckpt.CheckpointError(f"{folder} has no optimizer.pt: it cannot be resumed exactly")
         if self.dist.is_main:
             ckpt.remove_stale_temp_folders(self.out)
-        return state, extra
+        return state, extra, adapter
 
-    def save(self, state: RunState, model, tokenizer: Tokenizer, optimizer, fsdp: bool, keep_last: int) -> Path:
+    def save(self, state: RunState, model, tokenizer: Tokenizer, optimizer, fsdp: bool, keep_last: int,
+             adapter: dict | None = None) -> Path:
         """Write a checkpoint of `state` (rank 0), name it in best.txt when its val loss is the best,
-        and prune the older ones."""
+        and prune the older ones. `adapter`: a LoRA run's record; the checkpoint holds the adapters only."""
         model_state, opt_state = full_states(model, optimizer, fsdp)
         rng = capture_rng(self.dist, next(model.parameters()).device)
         folder = self.out / ckpt.CHECKPOINTS / f"step-{state.step:07d}"
         if self.dist.is_main:
             ckpt.save_checkpoint(folder, model, tokenizer, state.to_json(self.dist.world_size),
-                                 {"optimizer": opt_state, "rng": rng}, model_state=model_state)
+                                 {"optimizer": opt_state, "rng": rng}, model_state=model_state, adapter=adapter)
             if state.last_eval.get("step") == state.step and state.last_eval["val_loss"] <= state.best_val:
                 ckpt.atomic_write_text(self.out / "best.txt", folder.name + "\n")
             self.prune(keep_last)
@@ -131,10 +144,36 @@ def init_from(run: str | Path, model, tokenizer: Tokenizer, device) -> None:
     if (folder / "tokenizer.json").exists() and not extends(tokenizer, Tokenizer.load(folder)):
         raise ConfigError(f"the data was tokenized with another tokenizer than {folder}'s; prepare it "
                           f"with --tokenizer {folder / 'tokenizer.json'}")
-    state = ckpt.load_weights(folder, device)
+    if is_adapter_checkpoint(folder):  # a LoRA run's: its base with the adapters merged in
+        from ..model import build_model
+
+        merged = build_model(saved)
+        ckpt.load_merged_into(merged, folder)
+        state = {k: v.to(device) for k, v in merged.state_dict().items()}
+    else:
+        state = ckpt.load_weights(folder, device)
     if model.config.vocab_size > saved.vocab_size:
         state = grow_vocab(state, model.config.vocab_size)
     ckpt.load_state_into(model, state, str(folder))
+
+
+def start_lora(model, lora: LoRAConfig, base: str | Path | None) -> dict:
+    """Put LoRA on `model` (which holds the base's weights) and return the adapter record its
+    checkpoints carry. The base must be a full checkpoint of the same vocabulary: LoRA leaves the
+    embeddings frozen, so rows grown for chat tokens would never learn."""
+    if base is None:
+        raise ConfigError("lora_rank needs a base model to adapt: give --init-from RUN")
+    folder = ckpt.resolve_checkpoint(base)
+    if is_adapter_checkpoint(folder):
+        raise ConfigError(f"{folder} is itself a LoRA checkpoint: merge it first (samovar merge-lora {base} --out DIR) "
+                          "and adapt the merged model")
+    grown = model.config.vocab_size - ModelConfig.load(folder / "config.json").vocab_size
+    if grown > 0:
+        raise ConfigError(f"the data's tokenizer adds {grown} tokens to {folder}'s vocabulary, and LoRA keeps the "
+                          "embeddings frozen, so their rows would never learn: fine-tune the whole model on the "
+                          "chat data first (lora_rank=0), then adapt that run")
+    apply_lora(model, lora)
+    return adapter_record(lora, folder)
 
 
 def extends(new: Tokenizer, old: Tokenizer) -> bool:
