@@ -14,7 +14,7 @@ folder it was fine-tuned on):
    match, chrF, and the share of answers that repeat a word 3-gram.
 
     .venv/bin/python benchmarks/dpo.py [--sft runs/russian-chat/qa-pretrained] [--qa runs/russian-chat/qa]
-        [--work runs/dpo] [--minutes 8] [--train-premises 1500] [--held-out 300]
+        [--work runs/dpo] [--minutes 4] [--train-premises 1500] [--held-out 300] [--beta 0.1] [--lr 5e-5] [--loss sigmoid]
 """
 
 from __future__ import annotations
@@ -117,10 +117,12 @@ def main() -> None:
     parser.add_argument("--sft", type=Path, default=Path("runs/russian-chat/qa-pretrained"))
     parser.add_argument("--qa", type=Path, default=Path("runs/russian-chat/qa"))
     parser.add_argument("--work", type=Path, default=Path("runs/dpo"))
-    parser.add_argument("--minutes", type=float, default=8)
+    parser.add_argument("--minutes", type=float, default=4)
     parser.add_argument("--train-premises", type=int, default=1500)
     parser.add_argument("--held-out", type=int, default=300)
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--loss", default="sigmoid", choices=["sigmoid", "ipo", "hinge"])
     parser.add_argument("--report", type=Path, default=None)
     args = parser.parse_args()
     start, w = time.perf_counter(), args.work
@@ -138,10 +140,10 @@ def main() -> None:
     samovar("prepare", w / "pairs.jsonl", "--preference", "--tokenizer", sft / "tokenizer.json",
             "--val-fraction", 0.05, "--out", w / "pairs")
     samovar("train", "--init-from", sft, "--data", w / "pairs", "--out", w / "dpo", "--set", "objective=dpo",
-            "--set", f"dpo_beta={args.beta}", "--set", "lora_rank=16", "--set", "lora_alpha=32",
+            "--set", f"dpo_beta={args.beta}", "--set", f"dpo_loss={args.loss}", "--set", "lora_rank=16", "--set", "lora_alpha=32",
             "--set", "lora_targets=q_proj,k_proj,v_proj,out_proj,gate_proj,up_proj,down_proj",
             "--set", "precompute_ref=true", "--set", f"max_seconds={args.minutes * 60:g}", "--set", "max_steps=100000",
-            "--set", "batch_size=16", "--set", "lr=5e-4", "--set", "warmup_steps=20", "--set", "eval_interval=100",
+            "--set", "batch_size=16", "--set", f"lr={args.lr:g}", "--set", "warmup_steps=20", "--set", "eval_interval=100",
             "--set", "eval_steps=4", "--set", "dropout=0")
     before = LLM(*load(w / "dpo", device="cpu"))
     with adapters_disabled(before.model):  # the starting model: the adapters off
@@ -150,7 +152,7 @@ def main() -> None:
     steps = json.loads((resolve_checkpoint(w / "dpo") / "trainer_state.json").read_text())["step"]
     lines = [f"Measured by `benchmarks/dpo.py --minutes {args.minutes:g} --train-premises {args.train_premises} "
              f"--held-out {args.held_out}` in {(time.perf_counter() - start) / 60:.0f} minutes: "
-             f"{len(train_pairs)} training pairs, DPO (sigmoid, beta {args.beta:g}) with LoRA rank 16 for "
+             f"{len(train_pairs)} training pairs, DPO ({args.loss}, beta {args.beta:g}, lr {args.lr:g}) with LoRA rank 16 for "
              f"{steps} steps; {len(held_convs)} held-out conversations, {len(held_pairs)} held-out pairs.", "",
              "| | before DPO | after DPO |", "|---|---|---|",
              f"| reward accuracy (held-out pairs) | {first['reward_accuracy']:.1%} | {after['reward_accuracy']:.1%} |",

@@ -1,7 +1,7 @@
 """LoRA against full fine-tuning of the same model on the same data, side by side in one run:
 trainable parameters, peak memory (the training process's peak RSS) and training tokens/s.
 
-    .venv/bin/python benchmarks/lora.py [--base RUN] [--data DIR] [--preset NAME] [--steps 60] [--rank 16]
+    .venv/bin/python benchmarks/lora.py [--base RUN] [--data DIR] [--preset NAME] [--steps 30] [--rank 16]
 
 --base: the model to fine-tune (a run or checkpoint folder); without it a base of --preset is made
 (one training step on --data, so that it has a checkpoint). --data: a folder prepared for objective=sft
@@ -48,9 +48,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", type=Path, default=None)
     parser.add_argument("--data", type=Path, default=None)
-    parser.add_argument("--preset", default="llama-small", help="the base's preset when --base is not given")
+    parser.add_argument("--preset", default="deepseek-60m", help="the base's preset when --base is not given "
+                        "(its context cut to 256)")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-lora"))
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--targets", default="q_proj,k_proj,v_proj,out_proj,gate_proj,up_proj,down_proj")
     args = parser.parse_args()
@@ -66,6 +67,7 @@ def main() -> None:
         base = w / "base"
         if not base.exists():
             run("train", "--preset", args.preset, "--data", data, "--out", base, "--set", "max_steps=1",
+                "--set", "context_len=256",
                 "--set", "objective=sft", "--set", "eval_steps=1", "--set", "plot=false")
     common = ["train", "--init-from", base, "--data", data, "--set", "objective=sft", "--set", f"max_steps={args.steps}",
               "--set", f"eval_interval={args.steps}", "--set", "eval_steps=1", "--set", "log_interval=5",

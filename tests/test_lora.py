@@ -302,3 +302,22 @@ def json_config(folder):
     from samovar.config import ModelConfig
 
     return ModelConfig.load(folder / "config.json")
+
+
+def test_lora_with_activation_checkpointing_saves_the_same_names_and_quantizing_is_refused(lora_run, chat_model,
+                                                                                            tmp_path):
+    from conftest import run_cli
+    from samovar.api import load
+
+    result = run_cli("train", "--init-from", chat_model, "--data", lora_run / "data", "--out", tmp_path / "run",
+                     "--set", "objective=sft", "--set", "lora_rank=2", "--set", "activation_checkpointing=true",
+                     "--set", "optimizer=muon", "--set", "max_steps=2", "--set", "eval_interval=2",
+                     "--set", "eval_steps=1", "--set", "batch_size=2", "--set", "device=cpu", "--set", "peak_flops=0")
+    assert result.returncode == 0, result.stderr
+    model, _ = load(tmp_path / "run", device="cpu")
+    assert sorted(adapted(model)) == sorted(f"blocks.{i}.attn.{p}" for i in range(model.config.n_layer)
+                                            for p in ("q_proj", "v_proj"))
+    with pytest.raises(CheckpointError, match="merge them first"):
+        load(tmp_path / "run", device="cpu", quantize="int8")
+    changed = run_cli("train", "--resume", tmp_path / "run", "--set", "lora_rank=4", "--set", "max_steps=3")
+    assert changed.returncode == 2 and "LoRA settings (lora_*) cannot change" in changed.stderr

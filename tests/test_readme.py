@@ -86,6 +86,23 @@ def test_the_chat_bot_section_runs_as_written(toured):
     assert (work / "runs" / "chat" / "tokenizer_config.json").exists()
 
 
+def test_the_adapters_section_runs_as_written(toured):
+    import json
+
+    work, _, env = toured
+    if not (work / "runs" / "chat").exists():
+        run_block("## A chat bot of your own", work, env)
+    pairs = [{"prompt": "Привет!", "chosen": "Привет.", "rejected": "Привет привет привет привет"},
+             {"prompt": [{"role": "user", "content": "Как дела?"}], "chosen": [{"role": "assistant", "content": "Хорошо."}],
+              "rejected": [{"role": "assistant", "content": "Не знаю."}]}] * 30
+    (work / "pairs.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
+    ran = run_block("## Adapters and preferences: LoRA and DPO", work, env)
+    assert [words[1] for words, _ in ran] == ["train", "chat", "merge-lora", "export", "import", "prepare", "train"]
+    assert (work / "runs" / "chat-lora" / "checkpoints").is_dir()
+    assert (work / "export" / "chat-lora" / "adapter" / "adapter_config.json").exists()
+    assert "rewards/margins" in (work / "runs" / "chat-dpo" / "metrics.csv").read_text().splitlines()[0]
+
+
 def test_the_python_api_snippet_runs_as_pasted(toured):
     work, _, _ = toured
     code = block("## The Python API", "python")

@@ -151,14 +151,14 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source:
 def adapters_disabled(model: nn.Module):
     """Within the block the model computes as its base (the adapters are skipped), as peft's
     disable_adapter(): DPO's reference policy without a second copy of the model."""
-    layers = list(adapted(model).values())
+    layers = {m: m.active for m in adapted(model).values()}
     for m in layers:
         m.active = False
     try:
         yield
     finally:
-        for m in layers:
-            m.active = True
+        for m, active in layers.items():  # as they were (the block may be inside another one)
+            m.active = active
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
     config.py       TrainConfig, TrainingError
     loop.py         Trainer: step, evaluate, checkpoint, until a step or time budget or early stop
-    objectives.py   lm, sft: a batch -> loss + logged metrics
+    objectives.py   lm, sft, dpo: a batch -> loss + logged metrics
     optim.py        AdamW groups, Muon for the hidden matrices
     schedule.py     warmup, cosine or warmup-stable-decay, by steps or by the clock
     state.py        run state and folder: resume, RNG, pruning, best checkpoint

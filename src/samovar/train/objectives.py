@@ -193,9 +193,10 @@ class DirectPreference(LanguageModeling):
                               "(JSONL of prompt, chosen, rejected)")
 
     def start(self, model, data: TokenData, reference: str | Path | None, device, dtype) -> None:
-        from ..checkpoint import load_merged_into, resolve_checkpoint
+        from ..checkpoint import resolve_checkpoint
         from ..lora import adapted
         from ..model import build_model
+        from .state import init_from
 
         if reference is None:
             raise ConfigError("objective=dpo needs a starting model to measure against: give --init-from RUN "
@@ -205,7 +206,7 @@ class DirectPreference(LanguageModeling):
             self.reference_model = model  # its base: run with adapters_disabled
         else:
             self.reference_model = build_model(model.config).to(device)
-            load_merged_into(self.reference_model, source, device)
+            init_from(source, self.reference_model, data.tokenizer(), device)  # as the model started
             self.reference_model.requires_grad_(False)
         if self.cfg.precompute_ref:
             self.precomputed = self._precompute(data, source, device, dtype)
