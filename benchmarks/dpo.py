@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -37,16 +35,9 @@ from samovar.evaluation import last_replies, text_scores
 from samovar.lora import adapters_disabled
 from samovar.train.objectives import sequence_logps
 
+from russian_chat import samovar, write_report  # (benchmarks/ is the script's folder: on sys.path)
+
 TURN = re.compile(r"<\|(system|user|assistant)\|>(.*?)(?=<\|eos\|>)", re.S)
-
-
-def samovar(*args) -> str:
-    args = [str(a) for a in args]
-    print("$ samovar " + " ".join(args), flush=True)
-    result = subprocess.run([sys.executable, "-m", "samovar", *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"samovar {args[0]} failed:\n{result.stderr.strip()}")
-    return result.stdout
 
 
 def conversations(folder: Path, split: str, n: int) -> list[tuple[list[dict], str]]:
@@ -160,10 +151,7 @@ def main() -> None:
              f"| exact match | {first['exact_match']:.1%} | {after['exact_match']:.1%} |",
              f"| chrF | {first['chrf']:.1f} | {after['chrf']:.1f} |",
              f"| answers repeating a 3-gram | {first['repeats']:.1%} | {after['repeats']:.1%} |"]
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if args.report:
-        args.report.write_text(report, encoding="utf-8")
+    write_report(lines, args.report)
 
 
 if __name__ == "__main__":

@@ -118,10 +118,15 @@ def main() -> None:
     for said, reply in zip(EXCHANGES, replies):
         lines += [f"> {said}", reply]
     lines.append("```")
+    write_report(lines, args.report)
+
+
+def write_report(lines: list[str], file: Path | None) -> None:
+    """The report to stdout, and to `file` when given."""
     report = "\n".join(lines) + "\n"
     print(report)
-    if args.report:
-        args.report.write_text(report, encoding="utf-8")
+    if file:
+        file.write_text(report, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -321,3 +321,21 @@ def test_lora_with_activation_checkpointing_saves_the_same_names_and_quantizing_
         load(tmp_path / "run", device="cpu", quantize="int8")
     changed = run_cli("train", "--resume", tmp_path / "run", "--set", "lora_rank=4", "--set", "max_steps=3")
     assert changed.returncode == 2 and "LoRA settings (lora_*) cannot change" in changed.stderr
+
+
+def test_the_lora_and_dpo_benchmarks_run(lora_run, chat_model, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    dpo = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dpo.py"), "--sft", str(chat_model),
+                          "--qa", str(lora_run / "data"), "--work", str(tmp_path / "dpo"), "--minutes", "0.05",
+                          "--train-premises", "12", "--held-out", "6"], capture_output=True, text=True, timeout=600)
+    assert dpo.returncode == 0, dpo.stderr
+    assert "| reward accuracy (held-out pairs) | 0.0% |" in dpo.stdout and "| exact match |" in dpo.stdout
+    lora = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lora.py"), "--base", str(chat_model),
+                           "--data", str(lora_run / "data"), "--work", str(tmp_path / "lora"), "--steps", "2",
+                           "--rank", "2", "--targets", "q_proj,v_proj"], capture_output=True, text=True, timeout=600)
+    assert lora.returncode == 0, lora.stderr
+    assert "| trainable parameters |" in lora.stdout and "| peak memory (RSS, MiB), glibc malloc" in lora.stdout

@@ -73,7 +73,7 @@ class LoRALinear(nn.Linear):
         kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Linear(base.in_features, cfg.rank, **kw)
         self.lora_B = nn.Linear(cfg.rank, base.out_features, **kw)
-        self.lora_dropout = nn.Dropout(cfg.dropout)
+        self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()  # (p=0 would still copy x)
         self.scaling = cfg.scaling
         self.active = True  # False inside `adapters_disabled`: the base model (DPO's reference)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))

@@ -14,7 +14,6 @@ model holds its starting weights (and adapters), before the first step.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
