@@ -103,6 +103,13 @@ def test_the_adapters_section_runs_as_written(toured):
     assert "rewards/margins" in (work / "runs" / "chat-dpo" / "metrics.csv").read_text().splitlines()[0]
 
 
+def test_the_corpus_section_runs_as_written(toured):
+    work, _, env = toured
+    ran = run_block("## From a pile of files to a corpus", work, env)
+    assert [words[1:3] for words, _ in ran] == [["data", "ingest"], ["prepare", "corpus"]]
+    assert "5 documents" in ran[0][1] and (work / "data" / "corpus" / "train.bin").exists()
+
+
 def test_the_python_api_snippet_runs_as_pasted(toured):
     work, _, _ = toured
     code = block("## The Python API", "python")

@@ -9,6 +9,7 @@
     samovar runs [FOLDER]          samovar plot RUN [RUN ...] --out FILE.png
     samovar import HF_FOLDER|FILE.gguf --out RUN       samovar export RUN --format hf|gguf --out DIR_OR_FILE
     samovar import PEFT_ADAPTER --base CKPT --out RUN   samovar merge-lora RUN --out DIR
+    samovar data ingest INPUT... --out DIR   (text, JSONL, Parquet, CSV, .gz/.zst -> sharded Parquet)
     samovar speedrun [--data input.txt]      samovar demo [--minutes M]
     samovar serve RUN [--host 127.0.0.1] [--port 8000] [--api-key-env VAR] [--slots N]
     samovar telegram RUN [--token-env TELEGRAM_TOKEN] [--api-url URL] [--allow CHAT_ID]
@@ -97,6 +98,17 @@ def cmd_prepare(args) -> None:
         c = examples["cleaning"]
         print("cleaning: " + (", ".join(f"{rule} {n:,} turns" for rule, n in c["changed"].items()) or "nothing to change")
               + "".join(f"; dropped {n:,} conversations ({why})" for why, n in c["dropped"].items()))
+
+
+def cmd_data(args) -> None:
+    from .data.ingest import IngestOptions, ingest
+
+    options = IngestOptions(field=args.field, min_chars=args.min_chars, min_letters=args.min_letters,
+                            shard_bytes=int(args.shard_mb * (1 << 20)))
+    state = ingest(args.inputs, args.out, options, progress=sys.stderr.isatty())
+    dropped = ", ".join(f"{n:,} {why.replace('_', ' ')}" for why, n in state.dropped.items() if n) or "none"
+    print(f"{state.documents:,} documents ({state.bytes / 1e6:,.1f} MB of text) from {len(state.inputs)} file(s) "
+          f"in {state.shards} shard(s) -> {args.out}; dropped: {dropped}")
 
 
 def preview_cleaning(args, options, cleaning) -> None:
@@ -598,6 +610,19 @@ def prepare_arguments(s) -> None:
                         "with the chat template of --tokenizer RUN/tokenizer.json")
 
 
+def data_arguments(s) -> None:
+    stages = s.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    i = stages.add_parser("ingest", help="text, JSONL, Parquet and CSV files (also .gz, .zst) -> normalised "
+                                         "documents in sharded Parquet, with counts of what was dropped and why")
+    i.add_argument("inputs", nargs="+", help="files and folders")
+    i.add_argument("--out", required=True, help="the folder of shards to write (a killed run continues there)")
+    i.add_argument("--field", default="text", help="the JSONL field, or Parquet / CSV column, holding the text")
+    i.add_argument("--min-chars", type=int, default=32, help="drop shorter documents")
+    i.add_argument("--min-letters", type=float, default=0.5,
+                   help="drop documents with a smaller share of letters among their non-space characters")
+    i.add_argument("--shard-mb", type=float, default=64, help="megabytes of text a shard holds (about)")
+
+
 def train_arguments(s) -> None:
     s.add_argument("--preset", help="a model preset (see `samovar presets`)")
     s.add_argument("--data", help="a folder made by `samovar prepare`")
@@ -678,6 +703,7 @@ def demo_arguments(s) -> None:
 COMMANDS = [
     ("presets", cmd_presets, "list the model presets with their parameter counts", ()),
     ("prepare", cmd_prepare, "tokenize text files into train.bin / val.bin", (prepare_arguments,)),
+    ("data", cmd_data, "the corpus pipeline's stages: ingest", (data_arguments,)),
     ("train", cmd_train, "train a model on prepared data", (train_arguments, sets_option)),
     ("generate", cmd_generate, "generate text from a trained run (prints the prompt, then its continuation)",
      (run_argument, prompt_options, sampling_options, device_options, decode_options)),
