@@ -13,15 +13,19 @@ class DataError(ValueError):
     pass
 
 
-def find_files(inputs: list[str | Path]) -> list[Path]:
+def find_files(inputs: list[str | Path], suffixes: set[str] | None = TEXT_SUFFIXES) -> list[Path]:
+    """The files given, and those under the folders given (hidden ones left out), of `suffixes`
+    only when it is not None."""
     files = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+            found = sorted(p for p in path.rglob("*") if p.is_file()
+                           and (suffixes is None or p.suffix.lower() in suffixes)
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not found:
-                raise DataError(f"folder {path} holds no text files (.txt, .md, .jsonl, .parquet)")
+                raise DataError(f"folder {path} holds no " + ("files" if suffixes is None else
+                                                             "text files (.txt, .md, .jsonl, .parquet)"))
             files.extend(found)
         elif path.is_file():
             files.append(path)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..checkpoint import atomic_path, atomic_write_text
-from .corpus import DataError
+from .corpus import DataError, find_files
 
 COMPRESSED = {".gz", ".zst"}
 REASONS = ("not_text", "too_short", "mostly_non_letters")
@@ -195,7 +195,7 @@ def ingest(inputs: list[str | Path], out: str | Path, options: IngestOptions = I
     A folder holding an unfinished ingest of the same inputs continues it."""
     from tqdm.auto import tqdm
 
-    files = _input_files(inputs)
+    files = find_files(inputs, suffixes=None)  # every file: the kind is told by the suffixes
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = _resume_state(out, files, options)
@@ -258,23 +258,6 @@ def _flush(out: Path, state: IngestState, rows: dict, size: int, next_at: tuple[
     state.bytes += size
     state.next_file, state.next_record = next_at
     atomic_write_text(out / "ingest.json", json.dumps(asdict(state), indent=2) + "\n")
-
-
-def _input_files(inputs: list[str | Path]) -> list[Path]:
-    files = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file()
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            if not found:
-                raise DataError(f"folder {path} holds no files")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise DataError(f"input {path} does not exist")
-    return files
 
 
 def _resume_state(out: Path, files: list[Path], options: IngestOptions) -> IngestState:
