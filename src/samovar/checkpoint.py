@@ -19,6 +19,7 @@ at any moment leaves either the old set of checkpoints or the new one, never hal
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -29,7 +30,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .lora import ADAPTER_CONFIG, adapted, apply_lora, load_adapter_state, merge_lora, read_adapter, save_adapter_files
+from .lora import (ADAPTER_CONFIG, adapter_state, apply_lora, is_adapter_checkpoint, load_adapter_state, merge_lora,
+                   read_adapter, save_adapter_files)
 from .quantize import is_quantized
 
 WEIGHTS = "model.safetensors"
@@ -80,6 +82,15 @@ def atomic_path(path: str | Path):
     _fsync_dir(path.parent)
 
 
+def file_sha256(file: str | Path) -> str:
+    """The SHA-256 of a file, read a megabyte at a time."""
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to a temp file beside `path`, flush it to disk, then rename it over `path`."""
     with atomic_path(path) as tmp:
@@ -118,11 +129,7 @@ def save_checkpoint(folder: str | Path, model, tokenizer, trainer_state: dict | 
         if adapter is None:
             save_file(state_for_saving(model, model_state), str(tmp / WEIGHTS), metadata={"format": "pt"})
         else:
-            names = adapted(model)  # the adapters' tensors, from the (gathered) state dict when given
-            state = None if model_state is None else {
-                k: model_state[k].detach().cpu().contiguous()
-                for name in names for k in (f"{name}.lora_A.weight", f"{name}.lora_B.weight")}
-            save_adapter_files(tmp, model, adapter, state)
+            save_adapter_files(tmp, adapter, adapter_state(model, model_state))
         (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         if tokenizer is not None:
             (tmp / "tokenizer.json").write_text(tokenizer.hf.to_str(pretty=True))
@@ -205,8 +212,7 @@ def load_checkpoint_into(model, folder: str | Path, device="cpu") -> list[str]:
     """A checkpoint's weights into `model`: a full checkpoint's; or, for a LoRA checkpoint, its base's
     (refused when the base has changed), then LoRA put on the model and the adapters loaded.
     Returns the adapted modules' names ([] for a full checkpoint)."""
-    folder = Path(folder)
-    if not (folder / ADAPTER_CONFIG).exists():
+    if not is_adapter_checkpoint(folder):
         load_state_into(model, load_weights(folder, device), str(folder))
         return []
     lora, base, adapters = read_adapter(folder)

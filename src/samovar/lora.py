@@ -17,7 +17,6 @@ adapters into the weights (in float32, then cast back). interop/peft.py writes a
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -98,12 +97,17 @@ def adapted(model: nn.Module) -> dict[str, LoRALinear]:
     return {name.replace(_CHECKPOINT_PREFIX, ""): m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """The Linears LoRA may adapt, by module name: every one but the output head."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)
+            and m is not getattr(model, "lm_head", None)}
+
+
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     """Freeze the model and put LoRA on every Linear whose name in its parent is one of cfg.targets
     (in every block: attention, dense MLP, each expert and shared expert). Returns the adapted
     modules' names. A target the model does not have is refused, naming the ones it has."""
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)
-               and m is not getattr(model, "lm_head", None)}
+    linears = linear_layers(model)
     have = sorted({name.rsplit(".", 1)[-1] for name in linears})
     unknown = [t for t in cfg.targets if t not in have]
     if unknown:
@@ -120,10 +124,12 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     return names
 
 
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' tensors by state-dict name ({module}.lora_A.weight, {module}.lora_B.weight)."""
-    return {f"{name}.{part}.weight": getattr(m, part).weight.detach().cpu().contiguous()
-            for name, m in adapted(model).items() for part in ("lora_A", "lora_B")}
+def adapter_state(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapters' tensors by state-dict name ({module}.lora_A.weight, {module}.lora_B.weight), on the
+    CPU: the model's own, or those of `state`, its (gathered) state dict, when given."""
+    names = [f"{name}.{part}.weight" for name in adapted(model) for part in ("lora_A", "lora_B")]
+    state = model.state_dict() if state is None else state
+    return {k: state[k].detach().cpu().contiguous() for k in names}
 
 
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -181,13 +187,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
 # ---- adapter checkpoints -----------------------------------------------------------------------------
 def weights_sha256(folder: str | Path) -> str:
     """The SHA-256 of a checkpoint's weights file: what a LoRA checkpoint's base must still have."""
-    from .checkpoint import WEIGHTS
+    from .checkpoint import WEIGHTS, file_sha256
 
-    h = hashlib.sha256()
-    with open(Path(folder) / WEIGHTS, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(Path(folder) / WEIGHTS)
 
 
 def adapter_record(cfg: LoRAConfig, base: Path) -> dict:
@@ -224,9 +226,9 @@ def read_adapter(folder: str | Path) -> tuple[LoRAConfig, Path, dict[str, torch.
     return cfg, base, state
 
 
-def save_adapter_files(folder: Path, model: nn.Module, record: dict, state: dict | None = None) -> None:
-    """adapter.safetensors and adapter.json into a checkpoint folder being written."""
+def save_adapter_files(folder: Path, record: dict, state: dict[str, torch.Tensor]) -> None:
+    """adapter.safetensors (`state`: adapter_state) and adapter.json into a checkpoint folder being written."""
     from safetensors.torch import save_file
 
-    save_file(adapter_state(model) if state is None else state, str(folder / ADAPTER), metadata={"format": "pt"})
+    save_file(state, str(folder / ADAPTER), metadata={"format": "pt"})
     (folder / ADAPTER_CONFIG).write_text(json.dumps(record, indent=2) + "\n")

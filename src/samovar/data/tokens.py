@@ -48,6 +48,8 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char",
     unless cleaning is None (cleaning.py). Either writes masked examples for objective=sft instead of
     a plain token stream. preference=True: JSONL preference pairs for objective=dpo (preference.py),
     rendered with `tokenizer`'s chat template (the chat model's tokenizer.json)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     if preference:
         return prepare_preference(inputs, out, tokenizer, val_fraction, context_len,
                                   strict=bool(chat_options and chat_options.strict))
@@ -55,8 +57,6 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char",
         raise DataError(f"unknown pairs format {pairs!r}; use {' or '.join(PAIR_FORMATS)}")
     if pairs is not None and chat is not None:
         raise DataError("give --pairs or --chat, not both")
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     files = find_files(inputs)
     report = read_conversations(files, chat, chat_options) if chat else None
     cleaned = None
@@ -90,8 +90,6 @@ def prepare_preference(inputs, out, tokenizer: str, val_fraction: float, context
 
     if tokenizer in ("char", "word", "bpe"):
         raise DataError("preference pairs need the chat model's tokenizer: --tokenizer RUN/tokenizer.json")
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     files = find_files(inputs)
     tok = Tokenizer.load(tokenizer)
     splits, info = preference_splits(tok, files, val_fraction, strict)

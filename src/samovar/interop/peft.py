@@ -28,7 +28,7 @@ import torch
 
 from ..checkpoint import atomic_path, atomic_write_text
 from ..config import ConfigError
-from ..lora import LoRAConfig, adapted, apply_lora, load_adapter_state
+from ..lora import LoRAConfig, adapted, apply_lora, linear_layers, load_adapter_state
 from .hf_config import HFError
 from .hf_weights import _expand, _permute_rope_rows
 
@@ -182,8 +182,7 @@ def load_peft(model, folder: str | Path) -> LoRAConfig:
     if not found:
         raise HFError(f"the adapter in {folder} holds no LoRA tensors")
     targets = tuple(sorted({name.rpartition(".")[2] for name in found}))
-    every = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head
-             and n.rpartition(".")[2] in targets]
+    every = [n for n in linear_layers(model) if n.rpartition(".")[2] in targets]
     ranks = {A.shape[0] for A, _, _ in found.values()}
     scalings = {s for _, _, s in found.values()}
     uniform = len(ranks) == 1 and len(scalings) == 1 and set(every) == set(found)

@@ -257,9 +257,12 @@ class DirectPreference(LanguageModeling):
 
     def batch(self, data: TokenData, split: str, generator: torch.Generator, batch_size: int,
               context_len: int, rows: slice) -> Batch:
-        n = data.n_examples(split) // 2
-        pairs = torch.randint(n, (batch_size,), generator=generator)[rows]
-        which = torch.cat([2 * pairs, 2 * pairs + 1]).tolist()  # chosen rows, then rejected rows
+        pairs = torch.randint(data.n_examples(split) // 2, (batch_size,), generator=generator)[rows]
+        return self._pairs(data, split, pairs, context_len)
+
+    def _pairs(self, data: TokenData, split: str, pairs: torch.Tensor, context_len: int) -> Batch:
+        """The batch of these pairs: their chosen rows, then their rejected rows (examples 2i, 2i + 1)."""
+        which = torch.cat([2 * pairs, 2 * pairs + 1]).tolist()
         x, y, mask = masked_batch(*data.examples(split), which, context_len)
         reference = self.precomputed[split][which] if self.precomputed else None
         return Batch(x, y, mask, pairs=len(pairs), reference=reference)
@@ -284,12 +287,8 @@ class DirectPreference(LanguageModeling):
         device = next(model.parameters()).device
         total = 0.0
         for start in range(0, n, 16):
-            pairs = torch.arange(start, min(start + 16, n))
-            which = torch.cat([2 * pairs, 2 * pairs + 1]).tolist()
-            x, y, mask = masked_batch(*data.examples("val"), which, model.config.context_len)
-            reference = self.precomputed["val"][which] if self.precomputed else None
-            batch = Batch(x, y, mask, pairs=len(pairs), reference=reference).to(device)
-            total += self.loss(model, batch)[0].item() * len(pairs)
+            batch = self._pairs(data, "val", torch.arange(start, min(start + 16, n)), model.config.context_len)
+            total += self.loss(model, batch.to(device))[0].item() * batch.pairs
         return total / n
 
 
