@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import PAIRS, run_cli
 from samovar.chat import render
-from samovar.data import DataError, TokenData, prepare
+from samovar.data import DataError, ReadOptions, TokenData, prepare
 from samovar.tokenizer import Tokenizer
 from samovar.train.objectives import dpo_loss
 
@@ -74,6 +74,11 @@ def test_malformed_pairs_are_named_by_line_and_strict_refuses(tmp_path, chat_mod
     with pytest.raises(DataError, match=r"bad.jsonl line 2: 'chosen' is empty"):
         prepare([tmp_path / "bad.jsonl"], tmp_path / "out", tokenizer=str(chat_model / "tokenizer.json"),
                 preference=True)
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "a", "chosen": "b", "rejected": "c"}\n'.encode() * 2
+                                             + '{"prompt": "é", "chosen": "b", "rejected": "c"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.jsonl line 3: not UTF-8 text"):
+        prepare([tmp_path / "latin1.jsonl"], tmp_path / "out", tokenizer=str(chat_model / "tokenizer.json"),
+                preference=True, chat_options=ReadOptions(strict=True))
     result = run_cli("prepare", tmp_path / "bad.jsonl", "--preference", "--out", tmp_path / "o2")
     assert result.returncode == 2 and "--tokenizer RUN/tokenizer.json" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

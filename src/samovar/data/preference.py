@@ -30,17 +30,22 @@ def read_pairs(files: list[Path], strict: bool = False) -> tuple[list[tuple[list
     malformed line ("FILE line N: why"); with strict, the first malformed line is refused."""
     pairs, problems = [], []
     for file in files:
-        with open(file, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+        with open(file, "rb") as f:
+            for n, raw in enumerate(f, 1):
                 try:
+                    line = raw.decode("utf-8")
+                    if not line.strip():
+                        continue
                     pairs.append(parse_pair(line))
+                except UnicodeDecodeError:
+                    problem = f"{file} line {n}: not UTF-8 text"
                 except (ValueError, ChatError) as e:
                     problem = f"{file} line {n}: {e}"
-                    if strict:
-                        raise DataError(problem) from None
-                    problems.append(problem)
+                else:
+                    continue
+                if strict:
+                    raise DataError(problem) from None
+                problems.append(problem)
     return pairs, problems
 
 
