@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from samovar.data import Conversation, read_conversations
-from samovar.data.cleaning import RULES, CleanOptions, clean_conversations, clean_text, near_duplicates
+from samovar.data.cleaning import RULES, CleanOptions, clean_conversations, clean_text
+from samovar.data.dedup import DedupOptions, near_duplicates
 
 from conftest import ROOT, run_cli, shared_file
 
@@ -90,9 +91,10 @@ def test_near_duplicates_by_minhash():
         return len(grams[0] & grams[1]) / len(grams[0] | grams[1])
 
     assert jaccard(base, texts[1]) > 0.7 and jaccard(base, texts[3]) > 0.95 and jaccard(base, texts[2]) < 0.1
-    assert near_duplicates(texts, 0.6) == {1, 3}
-    assert near_duplicates(texts, 0.9) == {3}
-    assert 2 not in near_duplicates(texts, 0.3)
+    chars = lambda t: DedupOptions(threshold=t, unit="char")  # noqa: E731
+    assert near_duplicates(texts, chars(0.6)) == {1, 3}
+    assert near_duplicates(texts, chars(0.9)) == {3}
+    assert 2 not in near_duplicates(texts, chars(0.3))
 
 
 def test_prepare_cleans_by_default_counts_and_dry_run_writes_nothing(tmp_path):

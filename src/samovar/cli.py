@@ -10,6 +10,7 @@
     samovar import HF_FOLDER|FILE.gguf --out RUN       samovar export RUN --format hf|gguf --out DIR_OR_FILE
     samovar import PEFT_ADAPTER --base CKPT --out RUN   samovar merge-lora RUN --out DIR
     samovar data ingest INPUT... --out DIR   (text, JSONL, Parquet, CSV, .gz/.zst -> sharded Parquet)
+    samovar data dedup DIR --out DIR         (exact and near duplicates dropped: MinHash LSH + Jaccard)
     samovar speedrun [--data input.txt]      samovar demo [--minutes M]
     samovar serve RUN [--host 127.0.0.1] [--port 8000] [--api-key-env VAR] [--slots N]
     samovar telegram RUN [--token-env TELEGRAM_TOKEN] [--api-url URL] [--allow CHAT_ID]
@@ -101,6 +102,10 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_data(args) -> None:
+    {"ingest": data_ingest, "dedup": data_dedup}[args.stage](args)
+
+
+def data_ingest(args) -> None:
     from .data.ingest import IngestOptions, ingest
 
     options = IngestOptions(field=args.field, min_chars=args.min_chars, min_letters=args.min_letters,
@@ -109,6 +114,27 @@ def cmd_data(args) -> None:
     dropped = ", ".join(f"{n:,} {why.replace('_', ' ')}" for why, n in state.dropped.items() if n) or "none"
     print(f"{state.documents:,} documents ({state.bytes / 1e6:,.1f} MB of text) from {len(state.inputs)} file(s) "
           f"in {state.shards} shard(s) -> {args.out}; dropped: {dropped}")
+
+
+def data_dedup(args) -> None:
+    import time
+
+    from .data.dedup import DedupOptions, dedup
+
+    options = DedupOptions(threshold=args.threshold, shingle=args.shingle, bands=args.bands, rows=args.rows,
+                           seed=args.seed)
+    if options.chance(options.threshold) < 0.9:
+        print(f"samovar: note: {options.bands} bands of {options.rows} rows find a pair at Jaccard {options.threshold} "
+              f"with probability {options.chance(options.threshold):.0%}; a lower threshold needs more bands or "
+              "fewer rows (e.g. --bands 20 --rows 5 for 0.7)", file=sys.stderr)
+    start = time.perf_counter()
+    r = dedup(args.folder, args.out, options, workers=args.workers, progress=sys.stderr.isatty())
+    seconds = time.perf_counter() - start
+    print(f"{r.documents:,} documents: {r.exact_duplicates:,} exact and {r.near_duplicates:,} near duplicates "
+          f"({r.clusters:,} clusters) dropped, {r.kept:,} kept ({r.kept_bytes / 1e6:,.1f} of {r.bytes / 1e6:,.1f} MB) "
+          f"-> {args.out}; {r.bytes / 1e6 / seconds:,.1f} MB/s")
+    for e in r.examples[:1]:
+        print(f"e.g. Jaccard {e['jaccard']}:\n  kept:    {e['kept'][:120]!r}\n  dropped: {e['dropped'][:120]!r}")
 
 
 def preview_cleaning(args, options, cleaning) -> None:
@@ -621,6 +647,17 @@ def data_arguments(s) -> None:
     i.add_argument("--min-letters", type=float, default=0.5,
                    help="drop documents with a smaller share of letters among their non-space characters")
     i.add_argument("--shard-mb", type=float, default=64, help="megabytes of text a shard holds (about)")
+    d = stages.add_parser("dedup", help="drop exact duplicates and near duplicates (MinHash LSH, then the exact "
+                                        "Jaccard of each candidate pair) of an ingested corpus")
+    d.add_argument("folder", help="a folder of Parquet shards (the output of `samovar data ingest`)")
+    d.add_argument("--out", required=True, help="the folder to write the kept documents to")
+    d.add_argument("--threshold", type=float, default=0.8, help="the Jaccard similarity of word shingles from "
+                                                                "which a document is a near duplicate")
+    d.add_argument("--shingle", type=int, default=5, help="words in a shingle")
+    d.add_argument("--bands", type=int, default=14, help="LSH bands (FineWeb's 14 x 8 by default)")
+    d.add_argument("--rows", type=int, default=8, help="MinHash values in a band")
+    d.add_argument("--seed", type=int, default=0, help="the hash functions' seed")
+    d.add_argument("--workers", type=int, default=None, help="processes hashing shards (default: one per core)")
 
 
 def train_arguments(s) -> None:
@@ -703,7 +740,7 @@ def demo_arguments(s) -> None:
 COMMANDS = [
     ("presets", cmd_presets, "list the model presets with their parameter counts", ()),
     ("prepare", cmd_prepare, "tokenize text files into train.bin / val.bin", (prepare_arguments,)),
-    ("data", cmd_data, "the corpus pipeline's stages: ingest", (data_arguments,)),
+    ("data", cmd_data, "the corpus pipeline's stages: ingest, dedup", (data_arguments,)),
     ("train", cmd_train, "train a model on prepared data", (train_arguments, sets_option)),
     ("generate", cmd_generate, "generate text from a trained run (prints the prompt, then its continuation)",
      (run_argument, prompt_options, sampling_options, device_options, decode_options)),

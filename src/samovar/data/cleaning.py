@@ -1,6 +1,6 @@
 """Cleaning conversations: the dates, nicknames, "forwarded from" headers and links a bot otherwise
 learns to repeat, removed by rules that are each switchable and each counted; then empty turns,
-exact duplicates and near duplicates (MinHash over character shingles) dropped.
+exact duplicates and near duplicates (dedup.py's MinHash over character 5-grams) dropped.
 
 Each rule removes what it matches (and the space that separated it); `clean_text` applies them
 until nothing changes, so cleaning is idempotent, and a text with none of the patterns comes back
@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
+from .dedup import DedupOptions, near_duplicates
 
 MONTHS_RU = ("января|февраля|марта|апреля|мая|июня|июля|августа|сентября|октября|ноября|декабря|"
              "январь|февраль|март|апрель|май|июнь|июль|август|сентябрь|октябрь|ноябрь|декабрь")
@@ -171,44 +171,8 @@ def clean_conversations(conversations: list, options: CleanOptions | None = None
         kept = unique
     if options.near_duplicate is not None:
         texts = ["\n".join(m["content"] for m in c.messages) for c in kept]
-        drop = near_duplicates(texts, options.near_duplicate)
+        drop = near_duplicates(texts, DedupOptions(threshold=options.near_duplicate, unit="char"))
         if drop:
             report.dropped["near duplicate"] += len(drop)
         kept = [c for i, c in enumerate(kept) if i not in drop]
     return kept, report
-
-
-# ---- near duplicates -----------------------------------------------------------------------------------
-PRIME = (1 << 61) - 1
-
-
-def minhash(text: str, seeds: np.ndarray, shingle: int = 5) -> np.ndarray:
-    """The MinHash signature of the text's character shingles (one minimum per hash function)."""
-    text = " ".join(text.lower().split())
-    grams = {text[i:i + shingle] for i in range(max(1, len(text) - shingle + 1))}
-    values = np.array([int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little") >> 3
-                       for g in grams], dtype=np.uint64)
-    a, b = seeds[:, 0:1], seeds[:, 1:2]
-    return ((a * values[None, :] + b) % np.uint64(PRIME)).min(axis=1)
-
-
-def near_duplicates(texts: list[str], threshold: float, n_hash: int = 64, bands: int = 16) -> set[int]:
-    """Indices of texts that nearly repeat an earlier one (estimated Jaccard similarity of character
-    5-shingles >= threshold), found with locality-sensitive hashing over bands of the signatures."""
-    rng = np.random.default_rng(0)
-    seeds = rng.integers(1, 1 << 31, size=(n_hash, 2), dtype=np.uint64)
-    signatures = [minhash(t, seeds) for t in texts]
-    rows = n_hash // bands
-    buckets: dict[tuple, list[int]] = {}
-    drop = set()
-    for i, sig in enumerate(signatures):
-        candidates = set()
-        for b in range(bands):
-            key = (b, sig[b * rows:(b + 1) * rows].tobytes())
-            candidates.update(buckets.get(key, ()))
-            buckets.setdefault(key, []).append(i)
-        for j in candidates:
-            if j not in drop and float(np.mean(signatures[j] == sig)) >= threshold:
-                drop.add(i)
-                break
-    return drop
