@@ -323,6 +323,7 @@ def test_lora_with_activation_checkpointing_saves_the_same_names_and_quantizing_
     assert changed.returncode == 2 and "LoRA settings (lora_*) cannot change" in changed.stderr
 
 
+@pytest.mark.slow  # about a minute: the benchmarks themselves, at their smallest
 def test_the_lora_and_dpo_benchmarks_run(lora_run, chat_model, tmp_path):
     import subprocess
     import sys

@@ -105,9 +105,16 @@ def test_the_adapters_section_runs_as_written(toured):
 
 def test_the_corpus_section_runs_as_written(toured):
     work, _, env = toured
+    novels = sorted((SHARED_DATA / "russian_novels").glob("*.txt"))
+    jokes = (SHARED_DATA / "ru_dialogues" / "anekdot_dialogues.txt").read_text(encoding="utf-8").split("\n\n\n")
+    (work / "prose.txt").write_text("\n".join(" ".join(f.read_text(encoding="utf-8")[i:i + 600].split())
+                                             for f in novels for i in range(5000, 50000, 5000)), encoding="utf-8")
+    (work / "jokes.txt").write_text("\n".join(" ".join(j.split()) for j in jokes[:60]), encoding="utf-8")
     ran = run_block("## From a pile of files to a corpus", work, env)
-    assert [words[1:3] for words, _ in ran] == [["data", "ingest"], ["prepare", "corpus"]]
-    assert "5 documents" in ran[0][1] and (work / "data" / "corpus" / "train.bin").exists()
+    assert [words[1:3] for words, _ in ran] == [["data", "ingest"], ["data", "dedup"], ["filter", "train"],
+                                                ["filter", "apply"], ["prepare", "kept"]]
+    assert "6 documents" in ran[0][1] and "5 kept" in ran[3][1]  # the novels kept, the jokes dropped
+    assert (work / "data" / "corpus" / "tokens-00000.bin").exists()
 
 
 def test_the_python_api_snippet_runs_as_pasted(toured):

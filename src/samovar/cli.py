@@ -1,7 +1,7 @@
 """The `samovar` command: each subcommand is a few lines over a function of the library.
 
     samovar presets
-    samovar prepare INPUT... --tokenizer {char,word,bpe} [--vocab-size N] --out DIR
+    samovar prepare INPUT... --tokenizer {char,word,bpe} [--vocab-size N] --out DIR [--workers N]
     samovar train --preset P --data DIR --out RUN [--config FILE] [--set key=value ...] [--resume RUN]
     samovar generate RUN --prompt TEXT [--max-tokens N --temperature T --top-k K --top-p P --seed S]
     samovar eval RUN --data FILE_OR_DIR [--task auto|lm|qa|dialogue|chat] [--json]
@@ -11,6 +11,7 @@
     samovar import PEFT_ADAPTER --base CKPT --out RUN   samovar merge-lora RUN --out DIR
     samovar data ingest INPUT... --out DIR   (text, JSONL, Parquet, CSV, .gz/.zst -> sharded Parquet)
     samovar data dedup DIR --out DIR         (exact and near duplicates dropped: MinHash LSH + Jaccard)
+    samovar filter train --positive F --negative F --out FILTER    samovar filter apply FILTER DIR --out DIR
     samovar speedrun [--data input.txt]      samovar demo [--minutes M]
     samovar serve RUN [--host 127.0.0.1] [--port 8000] [--api-key-env VAR] [--slots N]
     samovar telegram RUN [--token-env TELEGRAM_TOKEN] [--api-url URL] [--allow CHAT_ID]
@@ -86,13 +87,19 @@ def cmd_prepare(args) -> None:
         raise ConfigError("give --out DIR, the folder to write")
     meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                    val_fraction=args.val_fraction, context_len=args.context_len, pairs=args.pairs,
-                   chat=args.chat, chat_options=options, cleaning=cleaning, preference=args.preference, **kwargs)
+                   chat=args.chat, chat_options=options, cleaning=cleaning, preference=args.preference,
+                   workers=args.workers, shard_mb=args.shard_mb, sample_mb=args.tokenizer_sample_mb,
+                   progress=sys.stderr.isatty(), **kwargs)
     examples = meta.get("examples")
     kinds = {"pairs": f"{(examples or {}).get('format')} pairs", "chat": "conversations", "preference": "preference pairs"}
     what = "" if examples is None else f", {examples['train']:,} + {examples['val']:,} {kinds[examples['kind']]}"
     print(f"{meta['tokenizer']} tokenizer, vocabulary {meta['vocab_size']}: "
           f"{meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({meta['dtype']}) "
-          f"from {len(meta['sources'])} file(s){what} -> {args.out}")
+          f"from {len(meta['sources'])} file(s){what}"
+          + (f" in {len(meta['shards'])} shard(s)" if "shards" in meta else "") + f" -> {args.out}")
+    if meta.get("unknown_tokens"):
+        print(f"note: {meta['unknown_tokens']:,} tokens are <|unk|>: text the tokenizer's sample did not hold "
+              "(a larger --tokenizer-sample-mb, or bpe, which has no unknown text)")
     if examples and examples.get("skipped"):
         print(f"skipped {examples['skipped']:,} malformed lines or rows, e.g. {examples['problems'][0]}")
     if examples and "cleaning" in examples:
@@ -135,6 +142,24 @@ def data_dedup(args) -> None:
           f"-> {args.out}; {r.bytes / 1e6 / seconds:,.1f} MB/s")
     for e in r.examples[:1]:
         print(f"e.g. Jaccard {e['jaccard']}:\n  kept:    {e['kept'][:120]!r}\n  dropped: {e['dropped'][:120]!r}")
+
+
+def cmd_filter(args) -> None:
+    from .data.quality import QualityFilter, apply_filter, read_examples, train_filter
+
+    if args.action == "train":
+        positive, negative = read_examples(args.positive), read_examples(args.negative)
+        print(f"training a {args.kind} filter on {len(positive)} positive and {len(negative)} negative examples")
+        train_filter(positive, negative, args.kind, seed=args.seed).save(args.out)
+        print(f"-> {args.out}")
+        return
+    r = apply_filter(QualityFilter.load(args.filter), args.folder, args.out, args.threshold,
+                     progress=sys.stderr.isatty())
+    print(f"{r.documents:,} documents scored ({r.documents_per_second:,.0f} documents/s): {r.kept:,} kept, "
+          f"{r.documents - r.kept:,} dropped at threshold {r.threshold} -> {args.out}")
+    for name, examples in (("kept", r.kept_examples), ("dropped", r.dropped_examples)):
+        for e in examples[:2]:
+            print(f"  {name} ({e['score']:.2f}): {e['text'][:100]!r}")
 
 
 def preview_cleaning(args, options, cleaning) -> None:
@@ -631,6 +656,11 @@ def prepare_arguments(s) -> None:
                    help="--chat: drop conversations whose MinHash similarity to a kept one reaches T (0: keep them)")
     s.add_argument("--dry-run", action="store_true",
                    help="--chat: print what cleaning would change, with examples, and write nothing")
+    s.add_argument("--workers", type=int, default=None,
+                   help="processes tokenizing plain text into shards (default: one per core)")
+    s.add_argument("--shard-mb", type=float, default=16, help="megabytes of text a token shard holds (about)")
+    s.add_argument("--tokenizer-sample-mb", type=float, default=100,
+                   help="train the tokenizer on a sample of this many megabytes (all of a smaller corpus)")
     s.add_argument("--preference", action="store_true",
                    help="JSONL preference pairs (prompt, chosen, rejected: TRL's format) for objective=dpo, rendered "
                         "with the chat template of --tokenizer RUN/tokenizer.json")
@@ -658,6 +688,23 @@ def data_arguments(s) -> None:
     d.add_argument("--rows", type=int, default=8, help="MinHash values in a band")
     d.add_argument("--seed", type=int, default=0, help="the hash functions' seed")
     d.add_argument("--workers", type=int, default=None, help="processes hashing shards (default: one per core)")
+
+
+def filter_arguments(s) -> None:
+    actions = s.add_subparsers(dest="action", required=True, metavar="ACTION")
+    t = actions.add_parser("train", help="train a quality classifier from a few dozen labelled examples")
+    t.add_argument("--positive", required=True, help="examples to keep: one a line (.txt) or JSONL with \"text\"")
+    t.add_argument("--negative", required=True, help="examples to drop, in the same form")
+    t.add_argument("--out", required=True, help="the filter folder to write")
+    t.add_argument("--kind", default="ngram", choices=["setfit", "ngram"],
+                   help="setfit: the all-MiniLM-L6-v2 encoder fine-tuned (English); ngram: character n-grams "
+                        "(any language, e.g. Russian; no encoder)")
+    t.add_argument("--seed", type=int, default=0)
+    a = actions.add_parser("apply", help="keep the documents of an ingested corpus that the filter scores high")
+    a.add_argument("filter", help="a folder made by `samovar filter train`")
+    a.add_argument("folder", help="a folder of Parquet shards (from `samovar data ingest` or `dedup`)")
+    a.add_argument("--out", required=True, help="the folder to write the kept documents to")
+    a.add_argument("--threshold", type=float, default=0.5, help="keep documents scoring at or above this")
 
 
 def train_arguments(s) -> None:
@@ -739,8 +786,10 @@ def demo_arguments(s) -> None:
 # name, function, help, options
 COMMANDS = [
     ("presets", cmd_presets, "list the model presets with their parameter counts", ()),
-    ("prepare", cmd_prepare, "tokenize text files into train.bin / val.bin", (prepare_arguments,)),
+    ("prepare", cmd_prepare, "tokenize text files, or an ingested corpus, into token shards (in parallel)", (prepare_arguments,)),
     ("data", cmd_data, "the corpus pipeline's stages: ingest, dedup", (data_arguments,)),
+    ("filter", cmd_filter, "a quality filter: train it on labelled examples, apply it to a corpus",
+     (filter_arguments,)),
     ("train", cmd_train, "train a model on prepared data", (train_arguments, sets_option)),
     ("generate", cmd_generate, "generate text from a trained run (prints the prompt, then its continuation)",
      (run_argument, prompt_options, sampling_options, device_options, decode_options)),

@@ -17,6 +17,7 @@ tokenizer_config.json beside tokenizer.json, with the role tokens.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -227,16 +228,19 @@ class Tokenizer:
                 raise TokenizerError(f"this tokenizer has no {role} token")
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    def encode_many(self, texts: list[str]) -> list[list[int]]:
-        """Encode several texts at once, on every core: byte-level BPE through tiktoken when it is
-        installed (the same ids as HF tokenizers, ~10x faster), else through HF tokenizers."""
+    def encode_many(self, texts: list[str], threads: int | None = None) -> list[list[int]]:
+        """Encode several texts at once, on `threads` cores (all by default): byte-level BPE through
+        tiktoken when it is installed (the same ids as HF tokenizers, ~10x faster), else through HF
+        tokenizers."""
         if self._char_vocab is not None:
             return [self.encode(t) for t in texts]
         if self.kind == "bpe":
             if self._fast is None:
                 self._fast = TiktokenBPE.build(self) or False
             if self._fast:
-                return self._fast.encode_many(texts)
+                return self._fast.encode_many(texts, threads or os.cpu_count() or 1)
+        if threads == 1:  # (a worker process: HF's own thread pool is not used after a fork)
+            return [self.hf.encode(t, add_special_tokens=False).ids for t in texts]
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
@@ -322,8 +326,6 @@ class TiktokenBPE:
                                      special_tokens=specials)
         return cls(encoding, id_of_rank)
 
-    def encode_many(self, texts: list[str]) -> list[list[int]]:
-        import os
-
-        batches = self.encoding.encode_batch(texts, num_threads=os.cpu_count() or 1, allowed_special="all")
+    def encode_many(self, texts: list[str], threads: int) -> list[list[int]]:
+        batches = self.encoding.encode_batch(texts, num_threads=threads, allowed_special="all")
         return [self.id_of_rank[b].tolist() for b in batches]

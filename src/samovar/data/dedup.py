@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import atomic_path, atomic_write_text
-from .corpus import DataError
+from .corpus import DataError, parquet_column
 
 NON_WORD = re.compile(r"\W+")
 CHUNK = 1 << 13  # shingles hashed at once (bounds the (hashes x shingles) product of a long document)
@@ -237,13 +237,7 @@ def shards_of(folder: Path) -> list[Path]:
 
 
 def _texts(shard: Path):
-    import pyarrow.parquet as pq
-
-    try:
-        for batch in pq.ParquetFile(shard).iter_batches(columns=["text"], batch_size=1024):
-            yield from batch.column(0).to_pylist()
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"{shard}: cannot read a 'text' column: {str(e).splitlines()[0]}") from None
+    return parquet_column(shard, "text")
 
 
 def sign_shard(shard: Path, work: Path, options: DedupOptions) -> tuple[int, int]:
@@ -343,7 +337,7 @@ def dedup(folder: str | Path, out: str | Path, options: DedupOptions = DedupOpti
     report.examples = _examples(shards, roots, near, store)
     store.close()
 
-    report.kept, report.bytes, report.kept_bytes = _write_kept(shards, out, keep, progress)
+    report.kept, report.bytes, report.kept_bytes = write_kept(shards, out, keep, progress)
     atomic_write_text(out / "dedup.json", json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")
     shutil.rmtree(work)
     return report
@@ -366,22 +360,27 @@ def _check_work(work: Path, folder: Path, options: DedupOptions) -> None:
 
 def _examples(shards: list[Path], roots: np.ndarray, near: np.ndarray, store: ShingleStore, n: int = 3) -> list:
     pairs = [(int(roots[j]), int(j)) for j in np.flatnonzero(near)[:n]]
-    wanted = {d for p in pairs for d in p}
+    texts = texts_at(shards, {d for p in pairs for d in p})
+    return [{"kept": texts[i][:300], "dropped": texts[j][:300], "jaccard": round(jaccard(store[i], store[j]), 3)}
+            for i, j in pairs]
+
+
+def texts_at(shards: list[Path], wanted: set[int]) -> dict[int, str]:
+    """The texts of the documents numbered `wanted` (in shard order), read until the last is found."""
     texts, doc = {}, 0
     for shard in shards:
+        if len(texts) == len(wanted):
+            break
         for text in _texts(shard):
             if doc in wanted:
                 texts[doc] = text
             doc += 1
             if len(texts) == len(wanted):
                 break
-        if len(texts) == len(wanted):
-            break
-    return [{"kept": texts[i][:300], "dropped": texts[j][:300], "jaccard": round(jaccard(store[i], store[j]), 3)}
-            for i, j in pairs]
+    return texts
 
 
-def _write_kept(shards: list[Path], out: Path, keep: np.ndarray, progress: bool) -> tuple[int, int, int]:
+def write_kept(shards: list[Path], out: Path, keep: np.ndarray, progress: bool) -> tuple[int, int, int]:
     """Each shard's kept rows into out/<the shard's name>, written batch by batch; returns the
     documents kept, and the bytes of text read and kept."""
     import pyarrow as pa
@@ -390,7 +389,7 @@ def _write_kept(shards: list[Path], out: Path, keep: np.ndarray, progress: bool)
     from tqdm.auto import tqdm
 
     doc, kept, read_bytes, kept_bytes = 0, 0, 0, 0
-    for shard in tqdm(shards, desc="dedup: writing", disable=not progress):
+    for shard in tqdm(shards, desc="writing kept", disable=not progress):
         source = pq.ParquetFile(shard)
         with atomic_path(out / shard.name) as tmp:
             writer = pq.ParquetWriter(tmp, source.schema_arrow)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..checkpoint import atomic_path, atomic_write_text
-from .corpus import DataError, find_files
+from .corpus import DataError, find_files, parquet_column
 
 COMPRESSED = {".gz", ".zst"}
 REASONS = ("not_text", "too_short", "mostly_non_letters")
@@ -111,7 +111,7 @@ def records(path: Path, options: IngestOptions) -> Iterator[str | None]:
     """The file's documents in order, as raw text (None for a record that is not text)."""
     kind = _kind(path)
     if kind == ".parquet":
-        yield from _parquet_records(path, options.field)
+        yield from (v if isinstance(v, str) else None for v in parquet_column(path, options.field))
         return
     with _open_binary(path) as raw:
         if kind in (".jsonl", ".json"):
@@ -162,20 +162,6 @@ def _text_pieces(raw) -> Iterator[str | None]:
             if buffer.strip():
                 yield buffer
             return
-
-
-def _parquet_records(path: Path, name: str) -> Iterator[str | None]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
-    try:
-        batches = pq.ParquetFile(path).iter_batches(columns=[name], batch_size=1024)
-        for batch in batches:
-            for value in batch.column(0).to_pylist():
-                yield value if isinstance(value, str) else None
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"{path}: cannot read a {name!r} column: {str(e).splitlines()[0]}") from None
 
 
 # ---- writing ---------------------------------------------------------------------------------------------

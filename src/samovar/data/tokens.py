@@ -1,15 +1,19 @@
 """Corpora -> token files, and batches from them.
 
-`prepare` reads corpora (corpus.py), trains or loads a tokenizer, and writes, nanoGPT-style:
+`prepare` reads corpora (corpus.py), trains or loads a tokenizer, and writes, nanoGPT-style, for
+plain text (streamed, in worker processes: shards.py):
 
-    DIR/train.bin  DIR/val.bin   token ids, a flat numpy array (uint16 if the vocabulary fits, else uint32)
-    DIR/meta.json                dtype, token and byte counts, sources, tokenizer kind
-    DIR/tokenizer.json           (and tokenizer_config.json with the chat template, for conversations)
+    DIR/tokens-00000.bin ...  DIR/val.bin   token ids, flat numpy arrays (uint16 if the vocabulary fits,
+                                            else uint32): the stream in shards, and its tail
+    DIR/meta.json                           dtype, token and byte counts, sources, the shards
+    DIR/tokenizer.json
 
-and for fine-tuning data (conversations or prompt/answer pairs), the examples' loss mask and bounds:
+and for fine-tuning data (conversations or prompt/answer pairs), the examples and their loss mask:
 
+    DIR/train.bin  DIR/val.bin                       token ids
     DIR/train_mask.bin  DIR/val_mask.bin             1 where a token is one to learn (uint8)
     DIR/train_examples.npy  DIR/val_examples.npy     (start, end) of each example in the .bin
+    DIR/tokenizer_config.json                        the chat template, for conversations
 
 Documents are joined with the eos token (when the tokenizer has one); the last `val_fraction` of the
 token stream is the validation split. `TokenData` reads the files as memmaps, never into RAM.
@@ -27,10 +31,11 @@ import torch
 from ..checkpoint import atomic_write_bytes, atomic_write_text
 from ..chat import add_chat_tokens
 from ..tokenizer import DEFAULT_SPECIALS, Tokenizer
-from .corpus import DataError, find_files, read_documents
+from .corpus import DataError, find_files, read_documents, split_for_encoding
 from .cleaning import CleanOptions, clean_conversations
 from .conversations import ReadOptions, ReadReport, read_conversations, split_by_group, write_examples
 from .pairs import PAIR_FORMATS, pair_examples
+from .shards import ShardedTokens
 
 
 def token_dtype(vocab_size: int):
@@ -41,13 +46,16 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char",
             vocab_size: int | None = None, val_fraction: float = 0.1, context_len: int | None = None,
             special_tokens=DEFAULT_SPECIALS, pairs: str | None = None, chat: str | None = None,
             chat_options: ReadOptions | None = None, cleaning: CleanOptions | None = CleanOptions(),
-            preference: bool = False) -> dict:
+            preference: bool = False, workers: int | None = None, shard_mb: float = 16, sample_mb: float = 100,
+            progress: bool = False) -> dict:
     """Tokenize `inputs` into `out`; `tokenizer` is a kind to train or a path to tokenizer.json.
     pairs="qa" or "dialogue": prompt/answer pairs of plain text; chat=FORMAT (conversations.py):
     conversations rendered with the chat template (the tokenizer gains the chat tokens), cleaned first
     unless cleaning is None (cleaning.py). Either writes masked examples for objective=sft instead of
     a plain token stream. preference=True: JSONL preference pairs for objective=dpo (preference.py),
-    rendered with `tokenizer`'s chat template (the chat model's tokenizer.json)."""
+    rendered with `tokenizer`'s chat template (the chat model's tokenizer.json). Plain text of any
+    size is streamed into token shards by `workers` processes (shards.py: shard_mb of text a shard,
+    the tokenizer trained on sample_mb of it)."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     if preference:
@@ -58,6 +66,11 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char",
     if pairs is not None and chat is not None:
         raise DataError("give --pairs or --chat, not both")
     files = find_files(inputs)
+    if chat is None and pairs is None:
+        from .shards import prepare_corpus
+
+        return prepare_corpus(files, out, tokenizer, vocab_size, val_fraction, context_len, special_tokens,
+                              workers=workers, shard_mb=shard_mb, sample_mb=sample_mb, progress=progress)
     report = read_conversations(files, chat, chat_options) if chat else None
     cleaned = None
     if report and cleaning is not None:
@@ -75,12 +88,8 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char",
         if cleaned is not None:
             info["cleaning"] = {"changed": dict(cleaned.changed), "dropped": dict(cleaned.dropped),
                                 "empty_turns": cleaned.empty_turns}
-    elif pairs:
-        splits, info = pair_splits(tok, docs, pairs, val_fraction)
     else:
-        ids = np.asarray(encode_documents(tok, docs), dtype=np.int64)
-        n_val = max(1, int(len(ids) * val_fraction))
-        splits, info = {"train": (ids[:-n_val],), "val": (ids[-n_val:],)}, None
+        splits, info = pair_splits(tok, docs, pairs, val_fraction)
     return write_splits(out, tok, splits, info, files, docs, context_len)
 
 
@@ -174,39 +183,13 @@ def encode_documents(tok: Tokenizer, docs: list[str]) -> list[int]:
     return ids
 
 
-def split_for_encoding(text: str, target: int = 1 << 16) -> list[str]:
-    """Cut `text` into ~64 KB pieces after a lone newline that follows a non-space character and is
-    followed by one (or by a single space and one).
-
-    GPT-2's pre-tokenizer makes such a newline a piece of its own whether or not the text goes on
-    after it (a longer run of whitespace at the end of a string would be one piece instead), and a
-    single space joins the word after it either way, so encoding the pieces separately gives the same
-    ids as encoding the whole text, in parallel."""
-    def boundary(i: int) -> bool:
-        if text[i - 1] != "\n" or text[i - 2].isspace():
-            return False
-        return not text[i].isspace() or (text[i] == " " and not text[i + 1].isspace())
-
-    pieces, start = [], 0
-    while len(text) - start > target:
-        cut = start + target
-        while cut < len(text) - 2 and not boundary(cut):
-            cut += 1
-        if cut >= len(text) - 2:
-            break
-        pieces.append(text[start:cut])
-        start = cut
-    pieces.append(text[start:])
-    return pieces
-
-
 @dataclass
 class TokenData:
     """train.bin / val.bin of a prepared folder, read through memmaps."""
 
     folder: Path
     meta: dict
-    train: np.ndarray
+    train: np.ndarray | ShardedTokens
     val: np.ndarray
     _examples: dict = field(default_factory=dict, repr=False)  # split -> (ids, mask, index), read on first use
 
@@ -224,11 +207,15 @@ class TokenData:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise DataError(f"cannot read {meta_file}: {e}") from None
         splits = {}
+        files = {"train": [folder / s["file"] for s in meta["shards"]] if "shards" in meta else [folder / "train.bin"],
+                 "val": [folder / "val.bin"]}
         for split in ("train", "val"):
-            file = folder / f"{split}.bin"
-            if not file.exists() or file.stat().st_size == 0:
-                raise DataError(f"{folder} has no tokens in {split}.bin")
-            splits[split] = np.memmap(file, dtype=dtype, mode="r")
+            for file in files[split]:
+                if not file.exists() or file.stat().st_size == 0:
+                    raise DataError(f"{folder} has no tokens in {file.name}")
+            splits[split] = np.memmap(files[split][0], dtype=dtype, mode="r") if len(files[split]) == 1 else None
+        if "shards" in meta:  # train: the token shards before val's tail (shards.py)
+            splits["train"] = ShardedTokens(files["train"], dtype, meta["train_tokens"])
         return cls(folder, meta, splits["train"], splits["val"])
 
     def tokenizer(self) -> Tokenizer:
