@@ -9,8 +9,8 @@ worker process):
     samovar data ingest  ->  samovar data dedup  ->  samovar filter apply (ngram)  ->  samovar prepare (bpe)
 
 Memory that stays flat as the corpus grows is what makes a corpus larger than memory possible.
-Beside `prepare`, the previous in-memory path (read every document, encode with every core: what
-`samovar prepare` did before shards) runs on the smallest corpus as the peer.
+Beside `prepare` with the tokenizer given, the previous in-memory path (read every document, encode
+with every core: what `samovar prepare` did before shards) runs on the smallest corpus as the peer.
 
     .venv/bin/python benchmarks/pipeline.py [--sizes 100 2000] [--work /tmp/pipeline] [--keep]
 """
@@ -92,15 +92,15 @@ def run(args: list[str]) -> tuple[float, dict, str]:
 
 
 def old_prepare(corpus: Path) -> tuple[float, float, float]:
-    """The in-memory path on the same files: seconds, MB of text, peak MB."""
+    """The in-memory path on the same files (read them all, encode on every core): seconds, MB of text, peak MB."""
     code = f"""
 import json, resource, time
 from pathlib import Path
 from samovar.data import encode_documents, find_files, read_documents
 from samovar.tokenizer import Tokenizer
-docs = read_documents(find_files([{str(corpus)!r}]))
 tok = Tokenizer.load({str(corpus.parent / 'data' / 'tokenizer.json')!r})
 start = time.perf_counter()
+docs = read_documents(find_files([{str(corpus)!r}]))
 encode_documents(tok, docs)
 seconds = time.perf_counter() - start
 print(json.dumps([seconds, sum(len(d.encode()) for d in docs) / 1e6, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))
@@ -137,6 +137,8 @@ def main() -> None:
             ("filter (ngram)", ["filter", "apply", root / "filter", root / "unique", "--out", root / "kept"]),
             ("prepare (bpe)", ["prepare", root / "kept", "--tokenizer", "bpe", "--vocab-size", args.vocab_size,
                                "--out", root / "data"]),
+            ("prepare (tokenizer given)", ["prepare", root / "kept", "--tokenizer", root / "data" / "tokenizer.json",
+                                           "--out", root / "data-again"]),
         ]
         for name, command in stages:
             text_mb = mb
@@ -148,11 +150,10 @@ def main() -> None:
                 mb = json.loads((root / "unique" / "dedup.json").read_text())["kept_bytes"] / 1e6
             if name.startswith("filter"):
                 mb = json.loads((root / "kept" / "filter.json").read_text())["kept_bytes"] / 1e6
-        if size == min(args.sizes):
-            shutil.copytree(root / "corpus", root / "plain")  # the old path reads the generated JSONL
-            seconds, text_mb, peak = old_prepare(root / "plain")
-            rows.append((size, "old prepare (in memory, encode only)", text_mb / seconds, peak, 0, seconds))
-            print(f"  old prepare, in memory: encode {text_mb / seconds:.1f} MB/s, peak RSS {peak:.0f} MB", flush=True)
+        if size == min(args.sizes):  # the peer: the same kept shards, read whole and encoded in memory
+            seconds, text_mb, peak = old_prepare(root / "kept")
+            rows.append((size, "previous prepare (in memory, tokenizer given)", text_mb / seconds, peak, 0, seconds))
+            print(f"  previous prepare, in memory: {text_mb / seconds:.1f} MB/s, peak RSS {peak:.0f} MB", flush=True)
         if not args.keep:
             shutil.rmtree(root)
     print("\n| corpus | stage | MB/s | seconds | peak RSS main | largest worker |\n|---|---|---|---|---|---|")

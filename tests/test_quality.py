@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from samovar.data import DataError
-from samovar.data.quality import QualityFilter, apply_filter, train_filter
+from samovar.data.quality import QualityFilter, apply_filter, score_shard, train_filter
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (SHARED / "russian_novels").exists(), reason="../shared/data is absent")
@@ -107,8 +107,16 @@ def test_apply_keeps_what_scores_at_or_above_the_threshold(tmp_path):
     every = [t for s in sorted((tmp_path / "shards").glob("*.parquet")) for t in pq.read_table(s)["text"].to_pylist()]
     assert kept == [t for t, s in zip(every, qf.score(every)) if s >= 0.5] and report["kept"] == len(kept)
     assert 45 <= len(kept) <= 75  # about the 60 positives
-    again = apply_filter(qf, tmp_path / "shards", tmp_path / "kept9", threshold=0.9)
+    again = apply_filter(tmp_path / "filter", tmp_path / "shards", tmp_path / "kept9", threshold=0.9, workers=1)
     assert again.kept < len(kept)
+    # a run killed after scoring its first shard, started again: that shard is not scored twice
+    shards = sorted((tmp_path / "shards").glob("*.parquet"))
+    (tmp_path / "resumed" / ".work").mkdir(parents=True)
+    score_shard(shards[0], tmp_path / "resumed" / ".work", qf)
+    resumed = apply_filter(tmp_path / "filter", tmp_path / "shards", tmp_path / "resumed", threshold=0.5)
+    assert resumed.resumed_shards == 1 and resumed.kept == len(kept)
+    for s in shards:
+        assert (tmp_path / "resumed" / s.name).read_bytes() == (tmp_path / "kept" / s.name).read_bytes()
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path):
@@ -125,4 +133,4 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
                                    "--out", tmp_path / "f")
     assert "not a filter" in fails("apply", tmp_path, tmp_path, "--out", tmp_path / "o")
     with pytest.raises(DataError, match="threshold is a probability"):
-        apply_filter(None, tmp_path, tmp_path / "o", threshold=1.5)
+        apply_filter(tmp_path, tmp_path, tmp_path / "o", threshold=1.5)

@@ -145,7 +145,7 @@ def data_dedup(args) -> None:
 
 
 def cmd_filter(args) -> None:
-    from .data.quality import QualityFilter, apply_filter, read_examples, train_filter
+    from .data.quality import apply_filter, read_examples, train_filter
 
     if args.action == "train":
         positive, negative = read_examples(args.positive), read_examples(args.negative)
@@ -153,7 +153,7 @@ def cmd_filter(args) -> None:
         train_filter(positive, negative, args.kind, seed=args.seed).save(args.out)
         print(f"-> {args.out}")
         return
-    r = apply_filter(QualityFilter.load(args.filter), args.folder, args.out, args.threshold,
+    r = apply_filter(args.filter, args.folder, args.out, args.threshold, workers=args.workers,
                      progress=sys.stderr.isatty())
     print(f"{r.documents:,} documents scored ({r.documents_per_second:,.0f} documents/s): {r.kept:,} kept, "
           f"{r.documents - r.kept:,} dropped at threshold {r.threshold} -> {args.out}")
@@ -705,6 +705,8 @@ def filter_arguments(s) -> None:
     a.add_argument("folder", help="a folder of Parquet shards (from `samovar data ingest` or `dedup`)")
     a.add_argument("--out", required=True, help="the folder to write the kept documents to")
     a.add_argument("--threshold", type=float, default=0.5, help="keep documents scoring at or above this")
+    a.add_argument("--workers", type=int, default=None,
+                   help="processes scoring shards (default: one per core for ngram, one for setfit)")
 
 
 def train_arguments(s) -> None:

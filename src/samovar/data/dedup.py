@@ -210,20 +210,26 @@ def near_duplicates(texts: list[str], options: DedupOptions = DedupOptions()) ->
 
 # ---- the corpus stage ------------------------------------------------------------------------------------
 @dataclass
-class DedupReport:
-    """dedup.json."""
+class StageReport:
+    """What a stage that keeps some of a corpus's documents read and kept (the JSON file beside its shards)."""
 
     input: str
-    options: dict
     documents: int = 0
     bytes: int = 0
+    kept: int = 0
+    kept_bytes: int = 0
+    resumed_shards: int = 0  # shards an earlier run, killed, had done
+
+
+@dataclass
+class DedupReport(StageReport):
+    """dedup.json."""
+
+    options: dict = field(default_factory=dict)
     exact_duplicates: int = 0
     near_duplicates: int = 0
     clusters: int = 0  # clusters of near duplicates (two documents or more)
     candidates: int = 0  # candidate pairs whose Jaccard was computed
-    kept: int = 0
-    kept_bytes: int = 0
-    resumed_shards: int = 0  # shards hashed by an earlier run that was killed
     examples: list = field(default_factory=list)  # a few (kept, dropped, jaccard) pairs
 
 

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +32,7 @@ import numpy as np
 
 from ..checkpoint import atomic_path, atomic_write_text
 from .corpus import DataError, parquet_column
-from .dedup import shards_of, texts_at, write_kept
+from .dedup import StageReport, shards_of, texts_at, write_kept
 
 KINDS = ("setfit", "ngram")
 READ = 2000  # characters of a document scored (FineWeb-Edu's classifier reads its first 512 tokens)
@@ -150,28 +152,49 @@ def train_filter(positive: list[str], negative: list[str], kind: str = "ngram", 
 
 # ---- applying it to a corpus -----------------------------------------------------------------------------
 @dataclass
-class FilterReport:
+class FilterReport(StageReport):
     """filter.json beside the kept shards."""
 
-    input: str
-    threshold: float
-    documents: int = 0
-    kept: int = 0
-    bytes: int = 0
-    kept_bytes: int = 0
+    threshold: float = 0.5
     documents_per_second: float = 0.0
-    resumed_shards: int = 0
     kept_examples: list = field(default_factory=list)  # a few (score, text)
     dropped_examples: list = field(default_factory=list)
 
 
-def apply_filter(qf: QualityFilter, folder: str | Path, out: str | Path, threshold: float = 0.5,
-                 batch: int = 256, progress: bool = False) -> FilterReport:
-    """Score every document of the shards in `folder`; those at or above `threshold` go to `out`."""
+_worker_filter: QualityFilter | None = None
+
+
+def _load_filter(folder: str) -> None:
+    global _worker_filter
+    _worker_filter = QualityFilter.load(folder)
+
+
+def score_shard(shard: Path, work: Path, qf: QualityFilter | None = None, batch: int = 256) -> int:
+    """Every document of a shard scored, the scores saved into `work` (temp + rename); returns their number."""
+    qf = qf or _worker_filter
+    texts, scores = [], []
+    for text in parquet_column(shard, "text"):
+        texts.append(text or "")
+        if len(texts) == batch:
+            scores.append(qf.score(texts))
+            texts = []
+    if texts:
+        scores.append(qf.score(texts))
+    with atomic_path(work / f"{shard.stem}.scores.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, np.concatenate(scores) if scores else np.zeros(0))
+    return sum(len(s) for s in scores)
+
+
+def apply_filter(filter_folder: str | Path, folder: str | Path, out: str | Path, threshold: float = 0.5,
+                 workers: int | None = None, progress: bool = False) -> FilterReport:
+    """Score every document of the shards in `folder` with the filter saved in `filter_folder`, in
+    `workers` processes (n-gram filters: one per core; SetFit: one, its encoder uses every core);
+    those scoring at or above `threshold` go to `out`."""
     from tqdm.auto import tqdm
 
     if not 0.0 <= threshold <= 1.0 or math.isnan(threshold):
         raise DataError(f"the threshold is a probability in [0, 1], got {threshold}")
+    qf = QualityFilter.load(filter_folder)
     folder, out = Path(folder), Path(out)
     shards = shards_of(folder)
     if (out / "filter.json").exists():
@@ -179,32 +202,27 @@ def apply_filter(qf: QualityFilter, folder: str | Path, out: str | Path, thresho
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)
     report = FilterReport(input=str(folder), threshold=threshold)
-    scores, start, scored = [], time.perf_counter(), 0
+    todo = [s for s in shards if not (work / f"{s.stem}.scores.npy").exists()]  # the rest: scored before a kill
+    report.resumed_shards = len(shards) - len(todo)
     bar = tqdm(total=sum(s.stat().st_size for s in shards), unit="B", unit_scale=True, disable=not progress,
                desc="filter")
-    for shard in shards:
-        saved = work / f"{shard.stem}.scores.npy"
-        if saved.exists():  # scored before a kill
-            report.resumed_shards += 1
-            scores.append(np.load(saved))
-        else:
-            texts, shard_scores = [], []
-            for text in parquet_column(shard, "text"):
-                texts.append(text or "")
-                if len(texts) == batch:
-                    shard_scores.append(qf.score(texts))
-                    scored, texts = scored + len(texts), []
-                    bar.set_postfix(docs_s=f"{scored / (time.perf_counter() - start):,.0f}", refresh=False)
-            if texts:
-                shard_scores.append(qf.score(texts))
-                scored += len(texts)
-            scores.append(np.concatenate(shard_scores) if shard_scores else np.zeros(0))
-            with atomic_path(saved) as tmp, open(tmp, "wb") as f:
-                np.save(f, scores[-1])
+    bar.update(sum(s.stat().st_size for s in shards if s not in todo))
+    start, scored = time.perf_counter(), 0
+    workers = max(1, min(workers or (1 if qf.kind == "setfit" else os.cpu_count() or 1), len(todo) or 1))
+    if workers == 1:
+        results = (score_shard(s, work, qf) for s in todo)
+    else:
+        pool = ProcessPoolExecutor(workers, initializer=_load_filter, initargs=(str(filter_folder),))
+        results = pool.map(score_shard, todo, [work] * len(todo))
+    for shard, n in zip(todo, results):
+        scored += n
         bar.update(shard.stat().st_size)
+        bar.set_postfix(docs_s=f"{scored / (time.perf_counter() - start):,.0f}", refresh=False)
+    if workers > 1:
+        pool.shutdown()
     bar.close()
     report.documents_per_second = round(scored / max(time.perf_counter() - start, 1e-9), 1)
-    score = np.concatenate(scores)
+    score = np.concatenate([np.load(work / f"{s.stem}.scores.npy") for s in shards])
     keep = score >= threshold
     report.documents = len(score)
     report.kept, report.bytes, report.kept_bytes = write_kept(shards, out, keep, progress)
