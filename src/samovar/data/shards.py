@@ -123,13 +123,13 @@ def encode_shard(out: Path, index: int, batch: list[tuple[bool, str]], dtype: st
     Returns (tokens, unknown tokens, documents, UTF-8 bytes)."""
     tok = tok or _worker_tokenizer
     eos = tok.eos_id
-    encoded = tok.encode_many([piece for _, piece in batch], threads=threads)
+    encoded = tok.encode_many([piece for _, piece in batch], threads=threads, arrays=True)
     arrays = []
     for n, ((first, _), ids) in enumerate(zip(batch, encoded)):
         if first and eos is not None and (index, n) != (0, 0):
-            arrays.append(np.array([eos], dtype=dtype))
-        arrays.append(np.asarray(ids, dtype=dtype))
-    ids = np.concatenate(arrays)
+            arrays.append(np.array([eos]))
+        arrays.append(ids)
+    ids = np.concatenate(arrays).astype(dtype)
     unk = tok.token_id(tok.roles.get("unk"))
     with atomic_path(out / SHARD.format(index)) as tmp:
         ids.tofile(tmp)
@@ -250,7 +250,7 @@ def _finish(out: Path, tok: Tokenizer, files: list[Path], counts: dict, totals: 
     val = np.memmap(out / "val.bin", dtype=dtype, mode="r")
     meta = {
         "tokenizer": tok.kind, "vocab_size": tok.vocab_size, "dtype": dtype,
-        "train_tokens": n - n_val, "val_tokens": n_val, "bytes": int(totals[3]), "val_bytes": decoded_bytes(tok, val),
+        "train_tokens": n - n_val, "val_tokens": n_val, "bytes": int(totals[3]), "val_bytes": text_bytes(tok, val),
         "sources": [str(f) for f in files], "documents": int(totals[2]), "unknown_tokens": int(totals[1]),
         "shards": [{"file": f.name, "tokens": counts[i]} for i, f in enumerate(shard_files)],
     }
@@ -258,15 +258,7 @@ def _finish(out: Path, tok: Tokenizer, files: list[Path], counts: dict, totals: 
     return meta
 
 
-def decoded_bytes(tok: Tokenizer, ids: np.ndarray, chunk: int = 1 << 20) -> int:
-    """The UTF-8 size of the text `ids` decode to, decoded a chunk at a time, each cut after an eos
-    (a document's end, where no character is split) when one is near."""
-    eos, size, start = tok.eos_id, 0, 0
-    while start < len(ids):
-        stop = min(len(ids), start + chunk)
-        if stop < len(ids) and eos is not None:
-            ends = np.flatnonzero(ids[start:stop] == eos)
-            stop = start + int(ends[-1]) + 1 if len(ends) else stop
-        size += len(tok.decode(np.asarray(ids[start:stop]).tolist()).encode("utf-8"))
-        start = stop
-    return size
+def text_bytes(tok: Tokenizer, ids: np.ndarray, chunk: int = 1 << 24) -> int:
+    """The UTF-8 size of the text that `ids` decode to, summed a chunk at a time (no decoding)."""
+    lengths = tok.byte_lengths()
+    return sum(int(lengths[np.asarray(ids[i:i + chunk])].sum()) for i in range(0, len(ids), chunk))
