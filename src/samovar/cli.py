@@ -150,7 +150,7 @@ def cmd_filter(args) -> None:
     if args.action == "train":
         positive, negative = read_examples(args.positive), read_examples(args.negative)
         print(f"training a {args.kind} filter on {len(positive)} positive and {len(negative)} negative examples")
-        train_filter(positive, negative, args.kind, seed=args.seed).save(args.out)
+        train_filter(positive, negative, args.kind, seed=args.seed, iterations=args.iterations).save(args.out)
         print(f"-> {args.out}")
         return
     r = apply_filter(args.filter, args.folder, args.out, args.threshold, workers=args.workers,
@@ -700,6 +700,8 @@ def filter_arguments(s) -> None:
                    help="setfit: the all-MiniLM-L6-v2 encoder fine-tuned (English); ngram: character n-grams "
                         "(any language, e.g. Russian; no encoder)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--iterations", type=int, default=20,
+                   help="setfit: contrastive pairs made per example (SetFit's default; fewer trains faster)")
     a = actions.add_parser("apply", help="keep the documents of an ingested corpus that the filter scores high")
     a.add_argument("filter", help="a folder made by `samovar filter train`")
     a.add_argument("folder", help="a folder of Parquet shards (from `samovar data ingest` or `dedup`)")

@@ -144,7 +144,8 @@ def train_filter(positive: list[str], negative: list[str], kind: str = "ngram", 
     model = SetFitModel.from_pretrained(encoder_path(), device="cpu")
     with tempfile.TemporaryDirectory() as scratch:  # setfit's own checkpoints: not kept
         args = TrainingArguments(output_dir=scratch, batch_size=16, num_epochs=epochs, num_iterations=iterations,
-                                 seed=seed, save_strategy="no", report_to="none", show_progress_bar=False)
+                                 seed=seed, save_strategy="no", report_to="none", show_progress_bar=False,
+                                 logging_strategy="no")
         Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts, "label": labels})).train()
     head = model.model_head  # scikit-learn's LogisticRegression: P(1) = sigmoid(x . coef + intercept)
     return QualityFilter("setfit", head.coef_[0], head.intercept_[0], encoder=model.model_body)
