@@ -245,8 +245,8 @@ def _finish(out: Path, tok: Tokenizer, files: list[Path], counts: dict, totals: 
                         f"val tokens, fewer than one context of {need} tokens")
     stream = ShardedTokens(shard_files, dtype)
     with atomic_path(out / "val.bin") as tmp, open(tmp, "wb") as f:
-        for start in range(n - n_val, n, 1 << 24):
-            stream[start:min(n, start + (1 << 24))].tofile(f)
+        for start in range(n - n_val, n, 1 << 22):
+            stream[start:min(n, start + (1 << 22))].tofile(f)
     val = np.memmap(out / "val.bin", dtype=dtype, mode="r")
     meta = {
         "tokenizer": tok.kind, "vocab_size": tok.vocab_size, "dtype": dtype,
@@ -258,7 +258,7 @@ def _finish(out: Path, tok: Tokenizer, files: list[Path], counts: dict, totals: 
     return meta
 
 
-def text_bytes(tok: Tokenizer, ids: np.ndarray, chunk: int = 1 << 24) -> int:
+def text_bytes(tok: Tokenizer, ids: np.ndarray, chunk: int = 1 << 22) -> int:
     """The UTF-8 size of the text that `ids` decode to, summed a chunk at a time (no decoding)."""
     lengths = tok.byte_lengths()
     return sum(int(lengths[np.asarray(ids[i:i + chunk])].sum()) for i in range(0, len(ids), chunk))
