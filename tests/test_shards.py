@@ -127,6 +127,22 @@ def test_an_ingested_deduplicated_corpus_prepares_and_trains(tmp_path):
     assert (tmp_path / "run" / "metrics.csv").exists()
 
 
+def test_a_changed_input_is_prepared_again_not_taken_from_old_shards(tmp_path, small_text):
+    (tmp_path / "a.txt").write_text(small_text)
+    prepare([tmp_path / "a.txt"], tmp_path / "out", tokenizer="char", shard_mb=0.001, workers=1)
+    (tmp_path / "a.txt").write_text(small_text.upper())
+    prepare([tmp_path / "a.txt"], tmp_path / "out", tokenizer="char", shard_mb=0.001, workers=1)
+    data = TokenData.open(tmp_path / "out")
+    assert data.tokenizer().decode(stream(tmp_path / "out").tolist()) == small_text.upper()
+
+
+def test_bad_settings_are_one_line_errors(tmp_path):
+    for option, value in (("--workers", "0"), ("--shard-mb", "-1"), ("--tokenizer-sample-mb", "0")):
+        run = subprocess.run([sys.executable, "-m", "samovar", "prepare", str(SHARED / "tinyshakespeare"),
+                              option, value, "--out", str(tmp_path / "o")], capture_output=True, text=True)
+        assert run.returncode == 2 and run.stderr.count("\n") == 1 and "must be positive" in run.stderr
+
+
 def test_sharded_tokens_refuse_steps():
     with pytest.raises(IndexError):
         ShardedTokens([], np.uint16)[::2]

@@ -145,10 +145,13 @@ def prepare_corpus(files: list[Path], out: str | Path, tokenizer: str, vocab_siz
 
     from .tokens import token_dtype
 
+    if shard_mb <= 0 or sample_mb <= 0 or (workers is not None and workers < 1):
+        raise DataError("--shard-mb and --tokenizer-sample-mb must be positive, and --workers at least 1")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shard_bytes, sample_bytes = int(shard_mb * (1 << 20)), int(sample_mb * (1 << 20))
-    record = {"inputs": [str(f.resolve()) for f in files], "tokenizer": tokenizer, "vocab_size": vocab_size,
+    record = {"inputs": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],  # a changed
+              "tokenizer": tokenizer, "vocab_size": vocab_size,  # file starts afresh rather than reuse old shards
               "special_tokens": list(special_tokens), "shard_bytes": shard_bytes, "sample_bytes": sample_bytes}
     tok = _resumed_tokenizer(out, record)
     if tok is None:
