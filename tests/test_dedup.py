@@ -3,6 +3,7 @@ datasketch's MinHash LSH, on a planted set cut from real text."""
 
 import json
 import random
+from dataclasses import asdict
 import re
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from samovar.data import DataError
 from samovar.data.dedup import Clusters, DedupOptions, MinHash, dedup, jaccard, near_duplicates, sign_shard
 from samovar.data.ingest import IngestOptions, ingest
+from samovar.data.stages import open_work
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHAKESPEARE = SHARED / "tinyshakespeare" / "input.txt"
@@ -177,14 +179,14 @@ def test_one_worker_and_a_killed_run_give_the_same_shards(ingested, tmp_path):
     dedup(root / "shards", tmp_path / "a", workers=2)
     # what a run killed after hashing its first shard leaves behind, then the run again
     shards = sorted((root / "shards").glob("shard-*.parquet"))
-    work = tmp_path / "b" / ".work"
-    work.mkdir(parents=True)
-    (work / "run.json").write_text(json.dumps({"input": str((root / "shards").resolve()),
-                                               "options": DedupOptions().__dict__}) + "\n")
+    work = open_work(root / "shards", shards, tmp_path / "b", "dedup", {"options": asdict(DedupOptions())})
     sign_shard(shards[0], work, DedupOptions())
     (work / f"{shards[1].stem}.shingles").write_bytes(b"half")  # killed between its files: not done
     report = dedup(root / "shards", tmp_path / "b", workers=1)
     assert report.resumed_shards == 1
+    work = open_work(root / "shards", shards, tmp_path / "c", "dedup", {"options": asdict(DedupOptions())})
+    sign_shard(shards[0], work, DedupOptions())
+    assert dedup(root / "shards", tmp_path / "c", DedupOptions(seed=1)).resumed_shards == 0  # other options: redone
     for name in [s.name for s in shards]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     with pytest.raises(DataError, match="finished dedup"):

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from samovar.data import DataError
-from samovar.data.quality import QualityFilter, apply_filter, score_shard, train_filter
+from samovar.checkpoint import file_sha256
+from samovar.data.quality import QualityFilter, _load_filter, apply_filter, score_shard, train_filter
+from samovar.data.stages import open_work
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (SHARED / "russian_novels").exists(), reason="../shared/data is absent")
@@ -111,12 +113,24 @@ def test_apply_keeps_what_scores_at_or_above_the_threshold(tmp_path):
     assert again.kept < len(kept)
     # a run killed after scoring its first shard, started again: that shard is not scored twice
     shards = sorted((tmp_path / "shards").glob("*.parquet"))
-    (tmp_path / "resumed" / ".work").mkdir(parents=True)
-    score_shard(shards[0], tmp_path / "resumed" / ".work", qf)
+    def killed_after_one_shard(out):
+        work = open_work(tmp_path / "shards", shards, out, "filter", {
+            "filter": str((tmp_path / "filter").resolve()), "head": file_sha256(tmp_path / "filter" / "head.safetensors")})
+        _load_filter(str(tmp_path / "filter"))
+        score_shard(shards[0], work)
+
+    killed_after_one_shard(tmp_path / "resumed")
     resumed = apply_filter(tmp_path / "filter", tmp_path / "shards", tmp_path / "resumed", threshold=0.5)
     assert resumed.resumed_shards == 1 and resumed.kept == len(kept)
     for s in shards:
         assert (tmp_path / "resumed" / s.name).read_bytes() == (tmp_path / "kept" / s.name).read_bytes()
+    # ... but not with another filter: the scores of the first are not reused
+    train_filter(negative[:32], positive[:32], "ngram").save(tmp_path / "inverse")
+    killed_after_one_shard(tmp_path / "other")
+    other = apply_filter(tmp_path / "inverse", tmp_path / "shards", tmp_path / "other", threshold=0.5)
+    assert other.resumed_shards == 0 and other.kept == len(every) - len(kept)
+    with pytest.raises(DataError, match="another folder than the input"):
+        apply_filter(tmp_path / "filter", tmp_path / "shards", tmp_path / "shards")
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path):

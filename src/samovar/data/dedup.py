@@ -31,14 +31,15 @@ import json
 import os
 import re
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from ..checkpoint import atomic_path, atomic_write_text
 from .corpus import DataError, parquet_column
+from .stages import StageReport, each_shard, open_work, shards_of, texts_at, write_kept
 
 NON_WORD = re.compile(r"\W+")
 CHUNK = 1 << 13  # shingles hashed at once (bounds the (hashes x shingles) product of a long document)
@@ -210,18 +211,6 @@ def near_duplicates(texts: list[str], options: DedupOptions = DedupOptions()) ->
 
 # ---- the corpus stage ------------------------------------------------------------------------------------
 @dataclass
-class StageReport:
-    """What a stage that keeps some of a corpus's documents read and kept (the JSON file beside its shards)."""
-
-    input: str
-    documents: int = 0
-    bytes: int = 0
-    kept: int = 0
-    kept_bytes: int = 0
-    resumed_shards: int = 0  # shards an earlier run, killed, had done
-
-
-@dataclass
 class DedupReport(StageReport):
     """dedup.json."""
 
@@ -233,29 +222,15 @@ class DedupReport(StageReport):
     examples: list = field(default_factory=list)  # a few (kept, dropped, jaccard) pairs
 
 
-def shards_of(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise DataError(f"{folder} is not a folder: give the output of `samovar data ingest`")
-    shards = sorted(folder.glob("*.parquet"))
-    if not shards:
-        raise DataError(f"{folder} holds no Parquet shards: run `samovar data ingest` first")
-    return shards
-
-
-def _texts(shard: Path):
-    return parquet_column(shard, "text")
-
-
-def sign_shard(shard: Path, work: Path, options: DedupOptions) -> tuple[int, int]:
+def sign_shard(shard: Path, work: Path, options: DedupOptions) -> int:
     """One shard's exact keys, band keys and shingle sets into `work` (the offsets file last: its
-    presence says the shard is done). Returns (documents, bytes)."""
+    presence says the shard is done). Returns the number of documents."""
     hasher = MinHash(options)
-    keys, signatures, offsets, size = [], [], [0], 0
+    keys, signatures, offsets = [], [], [0]
     stem = work / shard.stem
     with atomic_path(stem.with_suffix(".shingles")) as tmp, open(tmp, "wb") as out:
-        for text in _texts(shard):
+        for text in parquet_column(shard, "text"):
             text = text or ""
-            size += len(text.encode("utf-8"))
             keys.append(text_key(text))
             shingles = hasher.shingles(text)
             signatures.append(hasher.signature(shingles))
@@ -266,7 +241,7 @@ def sign_shard(shard: Path, work: Path, options: DedupOptions) -> tuple[int, int
                           (".offsets.npy", np.array(offsets, dtype=np.int64))):
         with atomic_path(stem.with_name(stem.name + suffix)) as tmp, open(tmp, "wb") as f:
             np.save(f, array)
-    return len(keys), size
+    return len(keys)
 
 
 class ShingleStore:
@@ -295,30 +270,10 @@ def dedup(folder: str | Path, out: str | Path, options: DedupOptions = DedupOpti
 
     folder, out = Path(folder), Path(out)
     shards = shards_of(folder)
-    if (out / "dedup.json").exists():
-        raise DataError(f"{out} holds a finished dedup: choose another --out")
-    if out.resolve() == folder.resolve():
-        raise DataError("--out must be another folder than the input")
-    work = out / ".work"
-    work.mkdir(parents=True, exist_ok=True)
-    _check_work(work, folder, options)
+    work = open_work(folder, shards, out, "dedup", {"options": asdict(options)})
     report = DedupReport(input=str(folder), options=asdict(options))
-
-    todo = [s for s in shards if not (work / f"{s.stem}.offsets.npy").exists()]  # the rest: done before a kill
-    report.resumed_shards = len(shards) - len(todo)
-    bar = tqdm(total=sum(s.stat().st_size for s in shards), unit="B", unit_scale=True, disable=not progress,
-               desc="dedup: signatures")
-    bar.update(sum(s.stat().st_size for s in shards if s not in todo))
-    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
-    if workers == 1:
-        for s in todo:
-            sign_shard(s, work, options)
-            bar.update(s.stat().st_size)
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            for s, _ in zip(todo, pool.map(sign_shard, todo, [work] * len(todo), [options] * len(todo))):
-                bar.update(s.stat().st_size)
-    bar.close()
+    report.resumed_shards, _ = each_shard(partial(sign_shard, options=options), shards, work, ".offsets.npy",
+                                          workers or os.cpu_count() or 1, progress, "dedup: signatures")
 
     keys = np.concatenate([np.load(work / f"{s.stem}.keys.npy") for s in shards])
     n = report.documents = len(keys)
@@ -349,63 +304,9 @@ def dedup(folder: str | Path, out: str | Path, options: DedupOptions = DedupOpti
     return report
 
 
-def _check_work(work: Path, folder: Path, options: DedupOptions) -> None:
-    """A work folder left by a killed run is used only for the same input and options."""
-    record = {"input": str(folder.resolve()), "options": asdict(options)}
-    saved = work / "run.json"
-    if saved.exists():
-        try:
-            same = json.loads(saved.read_text(encoding="utf-8")) == record
-        except json.JSONDecodeError:
-            same = False
-        if not same:
-            for f in work.iterdir():
-                f.unlink()
-    atomic_write_text(saved, json.dumps(record) + "\n")
-
-
 def _examples(shards: list[Path], roots: np.ndarray, near: np.ndarray, store: ShingleStore, n: int = 3) -> list:
     pairs = [(int(roots[j]), int(j)) for j in np.flatnonzero(near)[:n]]
     texts = texts_at(shards, {d for p in pairs for d in p})
     return [{"kept": texts[i][:300], "dropped": texts[j][:300], "jaccard": round(jaccard(store[i], store[j]), 3)}
             for i, j in pairs]
 
-
-def texts_at(shards: list[Path], wanted: set[int]) -> dict[int, str]:
-    """The texts of the documents numbered `wanted` (in shard order), read until the last is found."""
-    texts, doc = {}, 0
-    for shard in shards:
-        if len(texts) == len(wanted):
-            break
-        for text in _texts(shard):
-            if doc in wanted:
-                texts[doc] = text
-            doc += 1
-            if len(texts) == len(wanted):
-                break
-    return texts
-
-
-def write_kept(shards: list[Path], out: Path, keep: np.ndarray, progress: bool) -> tuple[int, int, int]:
-    """Each shard's kept rows into out/<the shard's name>, written batch by batch; returns the
-    documents kept, and the bytes of text read and kept."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-    from tqdm.auto import tqdm
-
-    doc, kept, read_bytes, kept_bytes = 0, 0, 0, 0
-    for shard in tqdm(shards, desc="writing kept", disable=not progress):
-        source = pq.ParquetFile(shard)
-        with atomic_path(out / shard.name) as tmp:
-            writer = pq.ParquetWriter(tmp, source.schema_arrow)
-            for batch in source.iter_batches(batch_size=1024):
-                mask = keep[doc:doc + batch.num_rows]
-                doc += batch.num_rows
-                lengths = pc.binary_length(batch.column(batch.schema.get_field_index("text")))
-                read_bytes += int(pc.sum(lengths).as_py() or 0)
-                kept_bytes += int(pc.sum(lengths.filter(pa.array(mask))).as_py() or 0)
-                kept += int(mask.sum())
-                writer.write_batch(batch.filter(pa.array(mask)))
-            writer.close()
-    return kept, read_bytes, kept_bytes

@@ -24,15 +24,14 @@ import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import atomic_path, atomic_write_text
+from ..checkpoint import atomic_path, atomic_write_text, file_sha256
 from .corpus import DataError, parquet_column
-from .dedup import StageReport, shards_of, texts_at, write_kept
+from .stages import StageReport, each_shard, open_work, shards_of, texts_at, write_kept
 
 KINDS = ("setfit", "ngram")
 READ = 2000  # characters of a document scored (FineWeb-Edu's classifier reads its first 512 tokens)
@@ -72,6 +71,20 @@ def encoder_path() -> str:
     return str(package.get_model_path())
 
 
+def filter_kind(folder: str | Path) -> str:
+    """The kind of the filter saved in `folder` (filter.json), or one error line saying it is not one."""
+    file = Path(folder) / "filter.json"
+    if not file.exists():
+        raise DataError(f"{folder} is not a filter (no filter.json): make one with `samovar filter train`")
+    try:
+        kind = json.loads(file.read_text(encoding="utf-8"))["kind"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"cannot read the filter in {folder}: {str(e).splitlines()[0]}") from None
+    if kind not in KINDS:
+        raise DataError(f"cannot read the filter in {folder}: unknown kind {kind!r}")
+    return kind
+
+
 class QualityFilter:
     """P(positive | text) for a list of texts: encode (an encoder or hashed n-grams), then a logistic head."""
 
@@ -107,12 +120,10 @@ class QualityFilter:
         from safetensors.numpy import load_file
 
         folder = Path(folder)
-        if not (folder / "filter.json").exists():
-            raise DataError(f"{folder} is not a filter (no filter.json): make one with `samovar filter train`")
+        kind = filter_kind(folder)
         try:
-            kind = json.loads((folder / "filter.json").read_text(encoding="utf-8"))["kind"]
             head = load_file(str(folder / "head.safetensors"))
-        except Exception as e:  # malformed JSON, a missing or corrupt head
+        except Exception as e:  # a missing or corrupt head
             raise DataError(f"cannot read the filter in {folder}: {str(e).splitlines()[0]}") from None
         encoder = None
         if kind == "setfit":
@@ -162,7 +173,7 @@ class FilterReport(StageReport):
     dropped_examples: list = field(default_factory=list)
 
 
-_worker_filter: QualityFilter | None = None
+_worker_filter: QualityFilter | None = None  # the filter score_shard uses, loaded once a process
 
 
 def _load_filter(folder: str) -> None:
@@ -170,17 +181,16 @@ def _load_filter(folder: str) -> None:
     _worker_filter = QualityFilter.load(folder)
 
 
-def score_shard(shard: Path, work: Path, qf: QualityFilter | None = None, batch: int = 256) -> int:
+def score_shard(shard: Path, work: Path, batch: int = 256) -> int:
     """Every document of a shard scored, the scores saved into `work` (temp + rename); returns their number."""
-    qf = qf or _worker_filter
     texts, scores = [], []
     for text in parquet_column(shard, "text"):
         texts.append(text or "")
         if len(texts) == batch:
-            scores.append(qf.score(texts))
+            scores.append(_worker_filter.score(texts))
             texts = []
     if texts:
-        scores.append(qf.score(texts))
+        scores.append(_worker_filter.score(texts))
     with atomic_path(work / f"{shard.stem}.scores.npy") as tmp, open(tmp, "wb") as f:
         np.save(f, np.concatenate(scores) if scores else np.zeros(0))
     return sum(len(s) for s in scores)
@@ -191,37 +201,19 @@ def apply_filter(filter_folder: str | Path, folder: str | Path, out: str | Path,
     """Score every document of the shards in `folder` with the filter saved in `filter_folder`, in
     `workers` processes (n-gram filters: one per core; SetFit: one, its encoder uses every core);
     those scoring at or above `threshold` go to `out`."""
-    from tqdm.auto import tqdm
-
     if not 0.0 <= threshold <= 1.0 or math.isnan(threshold):
         raise DataError(f"the threshold is a probability in [0, 1], got {threshold}")
-    qf = QualityFilter.load(filter_folder)
+    kind = filter_kind(filter_folder)
     folder, out = Path(folder), Path(out)
     shards = shards_of(folder)
-    if (out / "filter.json").exists():
-        raise DataError(f"{out} holds a finished filter run: choose another --out")
-    work = out / ".work"
-    work.mkdir(parents=True, exist_ok=True)
+    work = open_work(folder, shards, out, "filter",
+                     {"filter": str(Path(filter_folder).resolve()),
+                      "head": file_sha256(Path(filter_folder) / "head.safetensors")})
     report = FilterReport(input=str(folder), threshold=threshold)
-    todo = [s for s in shards if not (work / f"{s.stem}.scores.npy").exists()]  # the rest: scored before a kill
-    report.resumed_shards = len(shards) - len(todo)
-    bar = tqdm(total=sum(s.stat().st_size for s in shards), unit="B", unit_scale=True, disable=not progress,
-               desc="filter")
-    bar.update(sum(s.stat().st_size for s in shards if s not in todo))
-    start, scored = time.perf_counter(), 0
-    workers = max(1, min(workers or (1 if qf.kind == "setfit" else os.cpu_count() or 1), len(todo) or 1))
-    if workers == 1:
-        results = (score_shard(s, work, qf) for s in todo)
-    else:
-        pool = ProcessPoolExecutor(workers, initializer=_load_filter, initargs=(str(filter_folder),))
-        results = pool.map(score_shard, todo, [work] * len(todo))
-    for shard, n in zip(todo, results):
-        scored += n
-        bar.update(shard.stat().st_size)
-        bar.set_postfix(docs_s=f"{scored / (time.perf_counter() - start):,.0f}", refresh=False)
-    if workers > 1:
-        pool.shutdown()
-    bar.close()
+    start = time.perf_counter()
+    report.resumed_shards, scored = each_shard(
+        score_shard, shards, work, ".scores.npy", workers or (1 if kind == "setfit" else os.cpu_count() or 1),
+        progress, "filter", initializer=_load_filter, initargs=(str(filter_folder),), rate="docs/s")
     report.documents_per_second = round(scored / max(time.perf_counter() - start, 1e-9), 1)
     score = np.concatenate([np.load(work / f"{s.stem}.scores.npy") for s in shards])
     keep = score >= threshold

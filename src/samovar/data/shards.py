@@ -17,6 +17,7 @@ corpus at once gives (tests/test_shards.py). `ShardedTokens` reads them back as 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -130,11 +131,9 @@ def encode_shard(out: Path, index: int, batch: list[tuple[bool, str]], dtype: st
             arrays.append(np.array([eos]))
         arrays.append(ids)
     ids = np.concatenate(arrays).astype(dtype)
-    unk = tok.token_id(tok.roles.get("unk"))
     with atomic_path(out / SHARD.format(index)) as tmp:
         ids.tofile(tmp)
-    return (len(ids), int((ids == unk).sum()) if unk is not None else 0, sum(first for first, _ in batch),
-            sum(len(piece.encode("utf-8")) for _, piece in batch))
+    return _counts(ids, batch, tok)
 
 
 def prepare_corpus(files: list[Path], out: str | Path, tokenizer: str, vocab_size: int | None, val_fraction: float,
@@ -180,32 +179,27 @@ def prepare_corpus(files: list[Path], out: str | Path, tokenizer: str, vocab_siz
     workers = workers or os.cpu_count() or 1
     batches = _batches(files, shard_bytes)
     first, second = next(batches), next(batches, None)
-    chain = (b for b in _chain(first, second, batches) if b is not None)
-    if workers == 1 or second is None:  # one process (one shard: no pool to start), on every core
-        for index, batch in enumerate(chain):
+    # one process when asked, or for one shard (no pool to start): it encodes on every core itself
+    pool = None if workers == 1 or second is None else \
+        ProcessPoolExecutor(workers, initializer=_load_tokenizer, initargs=(str(out / "tokenizer.json"),))
+    pending = {}
+    try:
+        for index, batch in enumerate(itertools.chain([first], [second] if second else [], batches)):
             file = out / SHARD.format(index)
-            done(index, _counts_of(file, dtype, batch, tok) if file.exists() else
-                 encode_shard(out, index, batch, dtype, threads=os.cpu_count() or 1, tok=tok))
-    else:
-        with ProcessPoolExecutor(workers, initializer=_load_tokenizer, initargs=(str(out / "tokenizer.json"),)) as pool:
-            pending = {}
-            for index, batch in enumerate(chain):
-                file = out / SHARD.format(index)
-                if file.exists():  # finished before a kill: only its counts are needed
-                    done(index, _counts_of(file, dtype, batch, tok))
-                    continue
+            if file.exists():  # finished before a kill: only its counts are needed
+                done(index, _counts(np.memmap(file, dtype=dtype, mode="r"), batch, tok))
+            elif pool is None:
+                done(index, encode_shard(out, index, batch, dtype, threads=os.cpu_count() or 1, tok=tok))
+            else:
                 pending[pool.submit(encode_shard, out, index, batch, dtype)] = index
                 if len(pending) >= 2 * workers:
                     _collect(pending, done, wait_for_one=True)
-            _collect(pending, done, wait_for_one=False)
+        _collect(pending, done, wait_for_one=False)
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
     bar.close()
     return _finish(out, tok, files, counts, totals, dtype, val_fraction, context_len)
-
-
-def _chain(first, rest, batches):
-    yield first
-    yield rest
-    yield from batches
 
 
 def _collect(pending: dict, done, wait_for_one: bool) -> None:
@@ -216,9 +210,8 @@ def _collect(pending: dict, done, wait_for_one: bool) -> None:
         done(pending.pop(future), future.result())
 
 
-def _counts_of(file: Path, dtype: str, batch, tok: Tokenizer) -> tuple[int, int, int, int]:
-    """A finished shard's counts, read back from its file."""
-    ids = np.memmap(file, dtype=dtype, mode="r")
+def _counts(ids: np.ndarray, batch, tok: Tokenizer) -> tuple[int, int, int, int]:
+    """A shard's (tokens, unknown tokens, documents begun, UTF-8 bytes of text)."""
     unk = tok.token_id(tok.roles.get("unk"))
     return (len(ids), int((ids == unk).sum()) if unk is not None else 0, sum(first for first, _ in batch),
             sum(len(piece.encode("utf-8")) for _, piece in batch))
