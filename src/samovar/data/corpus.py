@@ -81,10 +81,7 @@ def _text_pieces(file: Path, f, head: bytes, chunk: int) -> Iterator[str]:
         try:
             buffer += decoder.decode(raw, final=not raw)
         except UnicodeDecodeError as e:
-            if b"\0" in head[:65536]:  # text in any 8-bit encoding has no NUL bytes; images and archives do
-                raise DataError(f"{file} looks binary (it holds NUL bytes), not text: give text files") from None
-            raise DataError(f"{file} is not UTF-8 text (bad byte at offset {offset + e.start}); "
-                            "convert it first, e.g. iconv -f cp1251 -t utf-8") from None
+            raise not_utf8(file, head, offset + e.start) from None
         if offset == 0:
             buffer = buffer.removeprefix("\ufeff")
         offset += len(raw)
@@ -105,11 +102,16 @@ def read_text(file: Path) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        if b"\0" in raw[:65536]:  # text in any 8-bit encoding has no NUL bytes; images and archives do
-            raise DataError(f"{file} looks binary (it holds NUL bytes), not text: give text files") from None
-        raise DataError(f"{file} is not UTF-8 text (bad byte at offset {e.start}); "
-                        "convert it first, e.g. iconv -f cp1251 -t utf-8") from None
+        raise not_utf8(file, raw, e.start) from None
     return text.removeprefix("\ufeff").replace("\r\n", "\n")
+
+
+def not_utf8(file: Path, head: bytes, offset: int) -> DataError:
+    """The error for a file that does not decode (`head`: its first bytes, `offset`: the bad one's)."""
+    if b"\0" in head[:65536]:  # text in any 8-bit encoding has no NUL bytes; images and archives do
+        return DataError(f"{file} looks binary (it holds NUL bytes), not text: give text files")
+    return DataError(f"{file} is not UTF-8 text (bad byte at offset {offset}); "
+                     "convert it first, e.g. iconv -f cp1251 -t utf-8")
 
 
 def _jsonl_texts(file: Path) -> Iterator[str]:

@@ -35,7 +35,7 @@ from .corpus import DataError, find_files, read_documents, split_for_encoding
 from .cleaning import CleanOptions, clean_conversations
 from .conversations import ReadOptions, ReadReport, read_conversations, split_by_group, write_examples
 from .pairs import PAIR_FORMATS, pair_examples
-from .shards import ShardedTokens
+from .shards import ShardedTokens, prepare_corpus
 
 
 def token_dtype(vocab_size: int):
@@ -67,8 +67,6 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "char",
         raise DataError("give --pairs or --chat, not both")
     files = find_files(inputs)
     if chat is None and pairs is None:
-        from .shards import prepare_corpus
-
         return prepare_corpus(files, out, tokenizer, vocab_size, val_fraction, context_len, special_tokens,
                               workers=workers, shard_mb=shard_mb, sample_mb=sample_mb, progress=progress)
     report = read_conversations(files, chat, chat_options) if chat else None
