@@ -1,7 +1,6 @@
 """Batch-1 greedy decoding speed, samovar beside HF `LlamaForCausalLM.generate`, same weights.
 
-For each configuration: build a random HF LLaMA, save it, import it into samovar (the head laid out
-input-major, as `samovar.load` lays it out on the CPU: engine.head_input_major), then decode
+For each configuration: build a random HF LLaMA, save it, import it into samovar, then decode
 --new-tokens tokens after a --prompt-tokens prompt with each, alternating, --repeats times; print
 tokens/s (medians) and the ratios. The first tokens of both must agree (the same model).
 
@@ -60,7 +59,7 @@ def llama_bench(binary: str, model: Path, prompt_tokens: int, new_tokens: int) -
 def main() -> None:
     import transformers
 
-    from samovar.engine import Engine, SamplingParams, head_input_major
+    from samovar.engine import Engine, SamplingParams
     from samovar.interop.hf import import_hf
     from samovar.quantize import quantize_int8, quantize_int8_weight_only
 
@@ -80,7 +79,7 @@ def main() -> None:
         hf = transformers.LlamaForCausalLM(cfg).eval()
         with tempfile.TemporaryDirectory() as folder:
             hf.save_pretrained(folder)
-            ours = head_input_major(import_hf(folder)[0])
+            ours = import_hf(folder)[0].eval()
             peers = {}  # llama.cpp runs: name -> its GGUF file of the same weights
             if args.llama_bench:
                 peers = {"llama.cpp": Path(folder) / "model.gguf"}

@@ -223,14 +223,14 @@ def test_a_lora_run_generates_merges_and_exports(lora_run, chat_model, tmp_path)
     import sys
 
     chat = subprocess.run([sys.executable, "-m", "samovar", "chat", str(lora_run / "run"), "--temperature", "0",
-                           "--max-tokens", "40"],
+                           "--max-tokens", "40", "--no-compile"],
                           input=q + "\n", capture_output=True, text=True, timeout=120)
     assert chat.returncode == 0 and a in chat.stdout, chat.stderr
 
     openai = pytest.importorskip("openai")
     from conftest import Server
 
-    server = Server(lora_run / "run")  # the server, with the adapters unmerged
+    server = Server(lora_run / "run", "--no-compile")  # the server, with the adapters unmerged
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         answer = client.chat.completions.create(model="run", messages=[{"role": "user", "content": q}],

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from samovar.config import get_preset
-from samovar.kv_cache import KVCache
+from samovar.kv_cache import KVCache, SlotCache
 from samovar.layers import RMSNorm, Rotary, RouterStats, apply_rotary, load_balancing_loss
 from samovar.loss import head_cross_entropy
 from samovar.model import Transformer
@@ -51,18 +51,27 @@ def test_forward_shapes_and_loss(name):
     assert abs(loss.item() - torch.log(torch.tensor(float(cfg.vocab_size))).item()) < 1.0
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["cache", "static-cache"])
+@pytest.mark.parametrize("slots", [False, True], ids=["cache", "slot-cache"])
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_cached_decoding_equals_full_recompute(name, static):
+def test_cached_decoding_equals_full_recompute(name, slots):
     cfg = VARIANTS[name]
     model = make(cfg)
     idx = torch.randint(cfg.vocab_size, (2, 20))
     full = model(idx)
-    cache = KVCache(cfg, batch_size=2, max_len=cfg.context_len, static=static)
-    parts = [model(idx[:, :7], kv_cache=cache)]  # prefill
-    parts += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(7, 15)]  # one token at a time
-    parts.append(model(idx[:, 15:], kv_cache=cache))  # a chunk after history
-    assert int(cache.pos) == 20
+    if slots:
+        cache = SlotCache(cfg, slots=3, max_len=cfg.context_len)
+
+        def run(part):
+            return model(part, kv_cache=cache.rows(1, 3, part.size(1)))  # rows 1 and 2 of the three
+    else:
+        cache = KVCache(cfg, batch_size=2, max_len=cfg.context_len)
+
+        def run(part):
+            return model(part, kv_cache=cache)
+    parts = [run(idx[:, :7])]  # prefill
+    parts += [run(idx[:, t:t + 1]) for t in range(7, 15)]  # one token at a time
+    parts.append(run(idx[:, 15:]))  # a chunk after history
+    assert (cache.lengths[1:].tolist() == [[20], [20]]) if slots else cache.pos == 20
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (a
 
 @pytest.fixture(scope="module")
 def server(chat_model):
-    s = Server(chat_model, "--slots", 4)
+    s = Server(chat_model, "--slots", 4, "--no-compile")
     yield s
     s.stop()
 

@@ -20,7 +20,7 @@ SMALL = {
     "resume": ["--set", "max_steps=9"],  # a model field cannot change on resume
     "init": ["--set", "max_steps=4", "--set", "eval_interval=4", "--set", "eval_steps=2", "--set", "batch_size=2",
              "--set", "device=cpu", "--set", "peak_flops=0"],  # nor on fine-tuning
-    "chat": ["--max-tokens", "8"],
+    "chat": ["--max-tokens", "8", "--no-compile"],
     "generate": ["--max-tokens", "8"],
     "demo": ["--minutes", "0.03", "--max-tokens", "20"],
 }

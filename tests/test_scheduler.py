@@ -28,6 +28,45 @@ def test_sequences_decoded_together_get_what_they_get_alone(preset):
         scheduler.close()
 
 
+def test_compiled_decoding_gets_the_eager_tokens_with_two_graphs_for_every_batch_and_length():
+    """Scheduler(compile=True): after warm_up (one row, then two), any number of rows and any length
+    decodes without compiling again, and each sequence gets Engine.generate's tokens."""
+    torch.manual_seed(3)
+    model = Transformer(get_preset("llama-tiny").replace(context_len=128)).eval()
+    prompts = [[(5 * i + j) % 200 + 3 for j in range(2 + (i * 7) % 30)] for i in range(7)]
+    params = [SamplingParams(max_tokens=15 + 3 * i, temperature=0 if i % 2 else 0.7, seed=i) for i in range(7)]
+    alone = [list(Engine(model).generate(p, sp)) for p, sp in zip(prompts, params)]
+    scheduler = Scheduler(model, slots=4, prefill_chunk=9, compile=True)
+    try:
+        scheduler.warm_up()
+        with torch.compiler.set_stance("fail_on_recompile"):
+            assert [t.id for t in scheduler.submit(prompts[0], params[0])] == alone[0]  # alone: one row
+            seqs = [scheduler.submit(p, sp) for p, sp in zip(prompts, params)]  # 1 to 4 rows at once
+            assert [[t.id for t in s] for s in seqs] == alone
+    finally:
+        scheduler.close()
+
+
+def test_the_loop_runs_in_the_callers_thread_when_asked():
+    """thread=False: run() is the loop (samovar serve runs it in the main thread); close() from
+    another thread ends it."""
+    import threading
+
+    torch.manual_seed(4)
+    model = Transformer(get_preset("llama-tiny")).eval()
+    scheduler = Scheduler(model, thread=False)
+    params = SamplingParams(max_tokens=12, temperature=0)
+    got = []
+
+    def client():
+        got.extend(t.id for t in scheduler.submit([1, 2, 3], params))
+        scheduler.close()
+
+    threading.Thread(target=client).start()
+    scheduler.run()  # returns once the client has closed it
+    assert got == list(Engine(model).generate([1, 2, 3], params))
+
+
 def test_a_cancelled_sequence_frees_its_row_within_a_step():
     torch.manual_seed(2)
     model = Transformer(get_preset("llama-tiny").replace(context_len=2048)).eval()

@@ -19,7 +19,7 @@ from samovar.chat import render  # noqa: E402
 from conftest import PAIRS, Server  # noqa: E402
 
 @pytest.fixture(scope="module")
-def server(chat_model):
+def server(chat_model):  # decoding through the compiled step, the default
     s = Server(chat_model, "--slots", 8, "--max-waiting", 32, "--keep-alive", 0.2)
     yield s
     s.stop()
@@ -42,6 +42,14 @@ def ask(q):
 # ---- the openai client ----------------------------------------------------------------------------------
 def test_models_lists_the_run(client, chat_model):
     assert [m.id for m in client.models.list().data] == [chat_model.name]
+
+
+def test_the_server_compiles_its_decoding_step_at_start_up_by_default(server):
+    """What `samovar serve` decodes with out of the box: the compiled step, compiled before it
+    listens (the answers below, equal to LLM.chat's eager ones, come through it)."""
+    out = server.output()
+    assert "samovar: compiling the decoding step" in out and "samovar: compiled in" in out
+    assert out.index("samovar: compiled in") < out.index("serving ")
 
 
 def test_chat_equals_llm_chat_with_exact_usage(client, llm):
@@ -186,6 +194,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         (dict(json={**good, "top_logprobs": 2}), 400, "top_logprobs"),
         (dict(json={**good, "stop": [""]}), 400, "stop.0"),
         (dict(json={**good, "max_tokens": "many"}), 400, "max_tokens"),
+        (dict(json={**good, "temperature": 1, "seed": 2 ** 70}), 400, None),  # (once a 500: found by the fuzzer)
         (dict(content=json.dumps(good).encode(), headers={"content-type": "text/plain"}), 415, None),
         (dict(content=b'{"x": "' + b"a" * (2 << 20) + b'"}', headers={"content-type": "application/json"}), 413, None),
     ]
@@ -208,7 +217,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
 
 def test_an_api_key_guards_every_v1_route_and_is_never_logged(chat_model):
     secret = "sk-test-" + "x" * 24
-    s = Server(chat_model, "--api-key-env", "SAMOVAR_TEST_KEY", env={"SAMOVAR_TEST_KEY": secret})
+    s = Server(chat_model, "--no-compile", "--api-key-env", "SAMOVAR_TEST_KEY", env={"SAMOVAR_TEST_KEY": secret})
     try:
         for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions")):
             r = httpx.request(method, s.url + path, json={"prompt": "x"})
@@ -244,7 +253,7 @@ def slow_model(tmp_path_factory):
 
 
 def test_a_full_server_answers_503_keeps_waiting_streams_alive_and_frees_what_clients_leave(slow_model):
-    s = Server(slow_model, "--slots", 1, "--max-waiting", 1, "--keep-alive", 0.2)
+    s = Server(slow_model, "--no-compile", "--slots", 1, "--max-waiting", 1, "--keep-alive", 0.2)
     url = s.url + "/v1/completions"
     long = {"prompt": "abc", "max_tokens": 4000, "temperature": 0, "stream": True}
     try:

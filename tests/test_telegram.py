@@ -119,7 +119,7 @@ class Bot:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "samovar", "telegram", str(run), "--token-env", "SAMOVAR_TEST_BOT_TOKEN",
              "--api-url", api.url, "--db", str(db), "--device", "cpu", "--temperature", "0", "--max-tokens", "40",
-             "--update-seconds", "0", *map(str, options)],
+             "--update-seconds", "0", "--no-compile", *map(str, options)],
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "SAMOVAR_TEST_BOT_TOKEN": TOKEN})
 
     def output(self) -> str:

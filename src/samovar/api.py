@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import ModelConfig
-from .engine import Engine, GenerationError, PrefixCache, SamplingParams, head_input_major
+from .engine import Engine, GenerationError, PrefixCache, SamplingParams
 from .lstm import Seq2SeqLSTM
 from .model import Transformer, build_model
 from .quantize import quantize as quantize_model
@@ -30,8 +30,7 @@ from .tokenizer import Tokenizer
 
 def load(path: str | Path, device: str = "auto", dtype: str = "auto",
          quantize: str | None = None) -> tuple[Transformer, Tokenizer | None]:
-    """(model, tokenizer) from a checkpoint folder or a run folder (its latest checkpoint), in eval mode
-    and, on the CPU, with its head laid out for decoding (engine.head_input_major).
+    """(model, tokenizer) from a checkpoint folder or a run folder (its latest checkpoint), in eval mode.
     The tokenizer is None when the folder has no tokenizer.json (an HF import without one).
     quantize="int8" or "int8wo": int8 Linear weights for faster decoding (see quantize.py).
     A LoRA checkpoint loads its base (refused when the base has changed) with the adapters beside
@@ -44,8 +43,6 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto",
         raise ckpt.CheckpointError(f"{folder} holds LoRA adapters: merge them first (samovar merge-lora "
                                    f"{path} --out DIR), then quantize the merged model")
     model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval()
-    if dev.type == "cpu":
-        head_input_major(model)
     model = quantize_model(model, quantize)
     tokenizer = Tokenizer.load(folder / "tokenizer.json") if (folder / "tokenizer.json").exists() else None
     return model, tokenizer

@@ -22,8 +22,10 @@ Errors a user can cause print one line, `samovar: error: ...`, and exit with sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 
 from .config import PRESETS, ConfigError, ModelConfig, format_count
@@ -124,7 +126,6 @@ def data_ingest(args) -> None:
 
 
 def data_dedup(args) -> None:
-    import time
 
     from .data.dedup import DedupOptions, dedup
 
@@ -217,11 +218,19 @@ def cmd_train(args) -> None:
 
 
 # ---- generate, eval, compare -------------------------------------------------------------------------
+COMPILE_PAYS = 4096  # new tokens from which compiling the step pays for itself (RESULTS.md: 3,150-3,250
+#                      on the benchmark models with inductor's cache warm; 13,000-17,000 cold)
+
+
 def cmd_generate(args) -> None:
     from .api import generate, load
 
     model, tokenizer = load(args.run, device=args.device, dtype=args.dtype, quantize=args.quantize)
-    kwargs = dict(sampling_of(args), ignore_eos=args.ignore_eos, compile=args.compile)
+    compile = compiles(args, model, default=args.max_tokens >= COMPILE_PAYS)
+    if compile and args.compile is None:
+        print(f"samovar: compiling the decoding step: it pays from about {COMPILE_PAYS:,} new tokens "
+              "(--no-compile: decode eagerly)", file=sys.stderr, flush=True)
+    kwargs = dict(sampling_of(args), ignore_eos=args.ignore_eos, compile=compile)
     if args.stream:
         sys.stdout.write(args.prompt)
         for piece in generate(model, tokenizer, args.prompt, stream=True, **kwargs):
@@ -238,13 +247,18 @@ CHAT_HELP = "/reset  /system TEXT  /save FILE  /load FILE  /exit   (Ctrl-C stops
 def cmd_chat(args) -> None:
     from .api import LLM
     from .chat import ChatError, ChatSession
+    from .engine import Engine
 
     llm = LLM.from_path(args.run, device=args.device, dtype=args.dtype, quantize=args.quantize)
     if llm.tokenizer is None or llm.tokenizer.chat_template is None:
         raise ChatError(f"{args.run} has no chat template: fine-tune it on conversations first "
                         "(samovar prepare --chat FORMAT ..., then train with objective=sft)")
     session = ChatSession(llm.tokenizer, llm.model.config.context_len, args.system)
-    sampling = dict(sampling_of(args), compile=args.compile)
+    compile = compiles(args, llm.model, default=True)
+    if compile:
+        with compiling():
+            Engine(llm.model, compile=True).warm_up()
+    sampling = dict(sampling_of(args), compile=compile)
     terminal = sys.stdin.isatty()
     if terminal:
         print(f"chatting with {args.run}: {CHAT_HELP}")
@@ -325,7 +339,7 @@ def cmd_eval(args) -> None:
 
     result = evaluate(load_for_eval(args.run, args, args.quantize), args.data, task=args.task,
                       max_examples=args.max_examples, max_tokens=args.max_tokens, with_latency=not args.no_latency,
-                      compile=args.compile)
+                      compile=bool(args.compile))
     if args.quantize:  # the cost of rounding: the float model's perplexity on the same text
         reference = evaluate(load_for_eval(args.run, args), args.data, task=result["task"], max_examples=0,
                              max_tokens=args.max_tokens, with_latency=False)
@@ -340,7 +354,7 @@ def cmd_compare(args) -> None:
     for run in args.runs:
         llm = load_for_eval(run, args, args.quantize)
         result = evaluate(llm, args.data, task=args.task, max_examples=args.max_examples, max_tokens=args.max_tokens,
-                          compile=args.compile)
+                          compile=bool(args.compile))
         rows.append({"run": str(run), "params": llm.model.num_params(), **result})
     print(compare_table(rows))
     compare_chart(rows, args.out)
@@ -484,6 +498,48 @@ def cmd_demo(args) -> None:
 
 
 # ---- serve ---------------------------------------------------------------------------------------------
+def compiles(args, model, default: bool) -> bool:
+    """Whether to decode through the compiled step: --compile or --no-compile, else the command's
+    default. A model that cannot compile (a mixture of experts, FBGEMM's int8) decodes eagerly, with
+    a note; asked for by --compile, it is an error."""
+    from .engine import GenerationError, check_compilable
+    from .model import Transformer
+
+    if not (default if args.compile is None else args.compile) or not isinstance(model, Transformer):
+        return False
+    try:
+        check_compilable(model)
+    except GenerationError as e:
+        if args.compile:
+            raise
+        print(f"samovar: note: decoding eagerly: {e}", file=sys.stderr)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def compiling():
+    """The start-up lines around compiling the decoding step."""
+    print("samovar: compiling the decoding step (about half a minute the first time, seconds later: inductor "
+          "keeps what it compiled on disk; --no-compile skips it) ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    yield
+    print(f"samovar: compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def decoding_scheduler(args, llm, **options):
+    """The Scheduler that serve and telegram decode through, compiled unless --no-compile (warmed up
+    here), its loop left to the main thread: Scheduler.run_beside."""
+    from .serve.scheduler import Scheduler
+
+    compile = compiles(args, llm.model, default=True)
+    scheduler = Scheduler(llm.model, vocab_limit=llm.tokenizer.vocab_size, compile=compile, thread=False, **options)
+    if compile:
+        with compiling():
+            scheduler.warm_up()
+    return scheduler
+
+
 def cmd_serve(args) -> None:
     import os
 
@@ -500,14 +556,15 @@ def cmd_serve(args) -> None:
     if llm.tokenizer is None:
         raise GenerationError(f"{args.run} has no tokenizer.json; copy the model's tokenizer.json into it")
     name = args.model_name or Path(args.run).resolve().name
-    app = create_app(llm, model_name=name, api_key=key, slots=args.slots, max_waiting=args.max_waiting,
-                     keepalive_seconds=args.keep_alive)
+    scheduler = decoding_scheduler(args, llm, slots=args.slots, max_waiting=args.max_waiting)
+    app = create_app(llm, scheduler, model_name=name, api_key=key, keepalive_seconds=args.keep_alive)
     serve(app, args.host, args.port, name)
 
 
 def cmd_telegram(args) -> None:
     import asyncio
     import os
+    import threading
 
     from .api import LLM
     from .engine import GenerationError
@@ -522,8 +579,12 @@ def cmd_telegram(args) -> None:
         raise GenerationError(f"{args.run} has no chat template: fine-tune it on conversations first "
                               "(samovar prepare --chat FORMAT ..., then train with objective=sft)")
     database = Path(args.db) if args.db else Path(args.run) / "telegram.sqlite"
-    asyncio.run(run_bot(llm, token, sampling_of(args), database, args.api_url, args.system,
-                        set(args.allow) or None, args.slots, args.update_seconds))
+    scheduler = decoding_scheduler(args, llm, slots=args.slots)
+    stop = threading.Event()
+    scheduler.run_beside(lambda: asyncio.run(run_bot(llm, scheduler, token, sampling_of(args), database, args.api_url,
+                                                     args.system, set(args.allow) or None, args.update_seconds,
+                                                     stop)),
+                         stop.set)
 
 
 def telegram_arguments(s) -> None:
@@ -572,9 +633,11 @@ def decode_options(s) -> None:
                         "of a 51M model with a large vocabulary; int8wo: weight-only int8, for --compile (the "
                         "fastest decoding; slow without compiling). `samovar eval --quantize KIND` shows the "
                         "perplexity cost")
-    s.add_argument("--compile", action="store_true",
-                   help="decode through a torch.compile'd one-token step (compiling takes seconds to a minute; "
-                        "the lstm-seq2seq baseline always decodes eagerly)")
+    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode through the torch.compile'd one-token step (compiling takes half a minute the first "
+                        "time, seconds later). Default: yes for chat, serve and telegram; for generate when "
+                        f"--max-tokens is at least {COMPILE_PAYS:,}; no for eval and compare. Mixtures of experts and "
+                        "the lstm-seq2seq baseline decode eagerly")
 
 
 def sampling_options(s) -> None:
@@ -834,7 +897,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "quantize", None) == "int8wo" and not args.compile:
+    if getattr(args, "quantize", None) == "int8wo" and (args.compile is False or args.compile is None and (
+            args.func in (cmd_eval, cmd_compare) or args.func is cmd_generate and args.max_tokens < COMPILE_PAYS)):
         print("samovar: note: int8wo is fast with --compile; without it, decoding runs at about half "
               "float32's speed", file=sys.stderr)
     try:

@@ -6,11 +6,10 @@ Decoding with the cache returns exactly the tokens that recomputing the whole se
 When the context fills up, the Engine keeps the most recent half of it, prefills that into a fresh
 cache and goes on (the recompute path crops to the last context_len tokens instead).
 
-Engine(model, compile=True) runs the one-token step through torch.compile. Its shapes never change:
-the cache is static (see KVCache), sized to a power of two that holds the request, and the position
-is a tensor, so one graph serves every token; the prompt's prefill runs eagerly.
-
-`head_input_major(model)` lays the head out for batch-1 decoding on the CPU; `load` does it.
+The cache is a SlotCache of one row, as in continuous batching (serve/scheduler.py), whose
+decoding step is the same: Engine(model, compile=True) and Scheduler(model, compile=True) run it
+through one compiled graph (`compiled_step`), whose number of rows and attended length are dynamic,
+so it serves every token of every request; the prompt's prefill runs eagerly.
 """
 
 from __future__ import annotations
@@ -20,8 +19,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-import torch.nn as nn
 
+from .kv_cache import SlotCache, SlotRows
 from .quantize import is_dynamic_int8
 
 
@@ -62,6 +61,8 @@ class SamplingParams:
         for name in ("frequency_penalty", "presence_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise GenerationError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.seed is not None and not -2 ** 63 <= self.seed < 2 ** 64:  # what torch.Generator takes
+            raise GenerationError(f"seed must be a 64-bit integer, got {self.seed}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise GenerationError("each stop string must be non-empty text")
 
@@ -131,34 +132,45 @@ def choose(logits: torch.Tensor, params: SamplingParams, penalties: "Penalties |
     return int(sample(logits, params, generator)[0])
 
 
-def head_input_major(model: nn.Module) -> nn.Module:
-    """Store the output head's weight input-major: the same (vocab_size, C) tensor with the memory
-    layout of its transpose, as channels_last is for convolutions. A decoding step multiplies one
-    vector by the head, and MKL streams a head laid out this way faster: the 51M model's 50,257 x 512
-    head takes 2.2 instead of 3.0 ms on our 2-core CPU (RESULTS.md). The other weights stay row-major,
-    which the compiled step's own matrix-vector kernels read best (see _compiled_last_logits).
-    Values, shapes and names do not change; checkpoints and exports save contiguous copies. A tied
-    head is also tok_emb's weight, whose lookups then read strided rows: a few per step."""
-    with torch.no_grad():
-        model.lm_head.weight.data = model.lm_head.weight.data.t().contiguous().t()
-    return model
-
-
 def _last_logits(model, idx, cache):
     return model(idx, kv_cache=cache)[:, -1, :]  # (B, V)
 
 
 @functools.cache
 def _compiled_last_logits():
-    """One compiled function for every Engine: a model's graph, compiled at its first use, serves
-    later Engines of the same model (torch.compile keeps one graph per model and cache size).
+    """`_last_logits` compiled, one function for every Engine and Scheduler: a model's graph,
+    compiled at its first use, serves them all. dynamic=False: every size is fixed but those that
+    compiled_step marks dynamic, which are symbols in the graph (and a second model's sizes get
+    graphs of their own rather than turning the first's into symbols).
     cpp_wrapper: the graph calls its kernels from C++ rather than Python, which matters at one token
-    per call. decompose_mm_pass: inductor turns each one-row product with a weight of at most 2,048
-    rows and columns into its own vectorised kernel over the weight's rows, in place of an MKL call
-    (13% more tokens/s on the 10M benchmark model; the larger head stays with MKL). (Made on first
-    use: importing the compiler takes about a second.)"""
+    per call. decompose_mm_pass: inductor turns each product of a row with a weight of at most 2,048
+    rows and columns into its own vectorised kernel over the weight's rows, in place of a library
+    call (13% more tokens/s on the 10M benchmark model; a larger head stays with oneDNN:
+    layers.Linear). (Made on first use: importing the compiler takes about a second.)"""
+    # each model (and int8wo copy) gets two graphs of this one function: allow more than Dynamo's 8
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(_last_logits, fullgraph=True, dynamic=False,
                          options={"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}})
+
+
+def compiled_step(model, idx, rows: SlotRows):
+    """The last logits (B, V) of one decoding step, idx (B, 1), through the compiled graph. Two
+    graphs serve every step: one for a single row, one for any number of rows (their count and the
+    length attended to are symbols), each compiled when first needed (seconds; inductor's cache
+    on disk makes it quicker the next time the same model starts)."""
+    for t in (idx, rows.pos, *rows.k, *rows.v):
+        torch._dynamo.maybe_mark_dynamic(t, 0)  # the rows (a single row keeps a graph of its own)
+    for t in (*rows.k, *rows.v):
+        torch._dynamo.mark_dynamic(t, 2)  # the positions attended to
+    return _compiled_last_logits()(model, idx, rows)
+
+
+def check_compilable(model) -> None:
+    if is_dynamic_int8(model):
+        raise GenerationError("compile does not combine with int8 (FBGEMM's dynamic kernel); "
+                              "int8wo (weight-only int8) compiles")
+    if model.config.n_expert:  # which tokens reach which expert decides shapes at run time
+        raise GenerationError("compile supports dense models; a mixture of experts decodes eagerly")
 
 
 def reusable(cached: list[int], prompt: list[int]) -> int:
@@ -177,7 +189,7 @@ class PrefixCache:
     it holds: a prompt that starts with those ids prefills only the rest (`prefilled` says how many)."""
 
     def __init__(self):
-        self.cache = None
+        self.cache: SlotCache | None = None
         self.ids: list[int] = []
         self.prefilled = 0
 
@@ -185,7 +197,7 @@ class PrefixCache:
         """Rewind to the longest cached prefix of `prompt` (leaving at least its last id to prefill)."""
         n = reusable(self.ids, prompt)
         self.ids = self.ids[:n]
-        self.cache.rewind(n)
+        self.cache.rewind(0, n)
         return n
 
 
@@ -194,30 +206,25 @@ class Engine:
 
     def __init__(self, model, vocab_limit: int | None = None, compile: bool = False):
         """vocab_limit: never produce ids at or above it (a vocabulary padded past its tokenizer's).
-        compile: run the one-token step through torch.compile over a static KV cache (fixed shapes,
-        so one graph serves every position); the first call compiles it (seconds to a minute)."""
+        compile: run the one-token step through torch.compile (compiled_step); the first call
+        compiles it (seconds to a minute)."""
+        if compile:
+            check_compilable(model)
         self.model = model
         self.context_len = model.config.context_len
         self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < model.config.vocab_size else None
-        self.static = compile
-        self._step = self._forward
-        if compile:
-            if is_dynamic_int8(model):
-                raise GenerationError("compile does not combine with int8 (FBGEMM's dynamic kernel); "
-                                      "int8wo (weight-only int8) compiles")
-            if model.config.n_expert:  # which tokens reach which expert decides shapes at run time
-                raise GenerationError("compile supports dense models; a mixture of experts decodes eagerly")
-            self._step = functools.partial(self._forward, last_logits=_compiled_last_logits())
+        self.compile = compile
 
-    def _device(self):
-        return next(self.model.parameters()).device
+    def warm_up(self) -> None:
+        """Compile the decoding step now rather than at the first request (compile=True)."""
+        if self.compile:
+            list(self.generate([0], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)))
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], params: SamplingParams, stop_ids=(),
                  use_cache: bool = True, prefix: PrefixCache | None = None) -> Iterator[int]:
         """Yield new token ids one at a time; stop after max_tokens or at a stop id (not yielded).
-        prefix: a PrefixCache kept between calls, whose cached ids this prompt need not prefill again
-        (the eager path; a compiled step sizes its own cache to each call)."""
+        prefix: a PrefixCache kept between calls, whose cached ids this prompt need not prefill again."""
         params.validate()
         if not prompt:
             raise GenerationError("the prompt is empty: give at least one token")
@@ -228,34 +235,30 @@ class Engine:
         self.model.eval()
         try:
             yield from self._generate(prompt, params, set() if params.ignore_eos else set(stop_ids), use_cache,
-                                      prefix if use_cache and not self.static else None)
+                                      prefix if use_cache else None)
         finally:
             self.model.train(was_training)
 
     def _generate(self, prompt, params, stop_ids, use_cache, prefix):
-        device = self._device()
-        generator = seeded_generator(params, device)
+        p = self.model.tok_emb.weight
+        generator = seeded_generator(params, p.device)
         tokens = list(prompt)
         cache = None
-        if use_cache and self.static:  # attention reads the whole static buffer: size it to this call
-            size = 64  # a power of two: a handful of distinct graphs serve every request
-            while size < min(len(tokens) + params.max_tokens, self.context_len):
-                size *= 2
-            cache = self.model.new_kv_cache(1, min(size, self.context_len), static=True)
-        elif use_cache and prefix is not None:  # the cache of an earlier call: only what is new is prefilled
-            if prefix.cache is None or prefix.cache.k[0].device != device:
-                prefix.cache, prefix.ids = self.model.new_kv_cache(1), []
+        if prefix is not None:  # the cache of an earlier call: only what is new is prefilled
+            if prefix.cache is None or prefix.cache.lengths.device != p.device:
+                prefix.cache, prefix.ids = SlotCache(self.model.config, 1, self.context_len, p.device, p.dtype), []
             cache = prefix.cache
-        elif use_cache:
-            cache = self.model.new_kv_cache(1)
+        elif use_cache:  # room for the request (or, when it outgrows the context, for the context)
+            size = min(len(tokens) + params.max_tokens, self.context_len)
+            cache = SlotCache(self.model.config, 1, size, p.device, p.dtype)
         start = 0
         if prefix is not None:
             start = prefix.keep(tokens)
             prefix.prefilled = len(tokens) - start
             prefix.ids += tokens[start:]
-        logits = self._forward(self._ids(tokens[start:], device), cache)  # the prompt, in one pass
+        logits = self._prefill(tokens[start:], cache)  # the prompt, in one pass
         cached = len(tokens)
-        penalties = Penalties(tokens, logits.size(-1), device) if params.penalized else None
+        penalties = Penalties(tokens, logits.size(-1), p.device) if params.penalized else None
         for _ in range(params.max_tokens):
             next_id = choose(logits, params, penalties, generator)
             if next_id in stop_ids:
@@ -265,25 +268,31 @@ class Engine:
             if penalties is not None:
                 penalties.add(next_id)
             if cache is None:
-                logits = self._forward(self._ids(tokens[-self.context_len:], device), None)
+                logits = self._prefill(tokens[-self.context_len:], None)
             elif cached >= self.context_len:  # full: keep the recent half and prefill it afresh
-                cache.reset()
+                cache.clear(0)
                 cached = self.context_len // 2
-                logits = self._forward(self._ids(tokens[-cached:], device), cache)
+                logits = self._prefill(tokens[-cached:], cache)
                 if prefix is not None:
                     prefix.ids = tokens[-cached:]
             else:
                 cached += 1
-                logits = self._step(self._ids([next_id], device), cache)
+                logits = self._step(next_id, cache)
                 if prefix is not None:
                     prefix.ids.append(next_id)
 
-    @staticmethod
-    def _ids(ids, device):
-        return torch.tensor([ids], dtype=torch.long, device=device)
+    def _prefill(self, ids: list[int], cache: SlotCache | None):
+        """The last logits (1, V) after the ids, written into the cache when there is one (eager)."""
+        idx = torch.tensor([ids], device=self.model.tok_emb.weight.device)
+        return self._masked(_last_logits(self.model, idx, None if cache is None else cache.rows(0, 1, len(ids))))
 
-    def _forward(self, idx, cache, last_logits=_last_logits):
-        logits = last_logits(self.model, idx, cache)
+    def _step(self, token: int, cache: SlotCache):
+        idx = torch.tensor([[token]], device=cache.lengths.device)
+        rows = cache.rows(0, 1, 1)
+        step = compiled_step if self.compile else _last_logits
+        return self._masked(step(self.model, idx, rows))
+
+    def _masked(self, logits):
         if self.vocab_limit is not None:
             logits[:, self.vocab_limit:] = float("-inf")
         return logits

@@ -11,35 +11,22 @@ class KVCache:
     """Keys and values of every layer, preallocated for `batch_size` sequences of up to `max_len`.
 
     Passed into `Transformer.forward`, never stored on the model. `pos` is the number of positions
-    already written; the model advances it after the last layer of each forward pass.
-
-    A static cache (for a compiled decoding step) keeps every shape fixed: `pos` is a tensor, new
-    keys and values are written with index_copy_, and attention sees the whole buffer, the positions
-    not yet written masked out. One graph then serves every position.
+    already written; the model advances it after the last layer of each forward pass. (Decoding
+    uses a SlotCache, below, whose rows each keep their own position.)
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None,
-                 static: bool = False):
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None):
         heads, k_dim, v_dim = cfg.cache_shape
-        # one buffer per layer (B, K, max_len, D): a compiled step then updates each in place
         self.k = [torch.zeros((batch_size, heads, max_len, k_dim), device=device, dtype=dtype)
                   for _ in range(cfg.n_layer)]
         self.v = [torch.zeros((batch_size, heads, max_len, v_dim), device=device, dtype=dtype)
                   for _ in range(cfg.n_layer)]
         self.max_len = max_len
-        self.static = static
-        self.pos = torch.zeros((), dtype=torch.long, device=device) if static else 0
+        self.pos = 0
 
     def update(self, layer: int, k, v):
-        """Write k, v (B, K, T, D) at positions [pos, pos + T) and return the keys and values attention
-        sees: those so far, or (static) the whole buffer."""
-        T = k.size(2)
-        if self.static:  # the caller keeps pos + T <= max_len (index_copy_ checks it in eager mode)
-            positions = self.pos + torch.arange(T, device=k.device)
-            self.k[layer].index_copy_(2, positions, k)
-            self.v[layer].index_copy_(2, positions, v)
-            return self.k[layer], self.v[layer]
-        end = self.pos + T
+        """Write k, v (B, K, T, D) at positions [pos, pos + T) and return the keys and values so far."""
+        end = self.pos + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len={self.max_len}")
         self.k[layer][:, :, self.pos:end] = k
@@ -47,30 +34,24 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def advance(self, T: int):
-        self.pos += T  # in place for a static cache's tensor
+        self.pos += T
 
     def rewind(self, pos: int):
-        """Forget every position from `pos` on (the next write goes there): a cached prefix kept."""
-        if self.static:
-            self.pos.fill_(pos)
-        else:
-            self.pos = pos
+        """Forget every position from `pos` on (the next write goes there)."""
+        self.pos = pos
 
     def reset(self):
-        if self.static:
-            self.pos.zero_()  # the same tensor: a compiled step keeps reading it
-        else:
-            self.pos = 0
+        self.pos = 0
 
 
 class SlotCache:
     """Keys and values of up to `slots` sequences at once, each at its own position: the cache of
     continuous batching (serve/scheduler.py). A sequence takes a slot (a row) and gives it back.
 
-    A forward pass runs over a contiguous range of rows, `rows(lo, hi)`: a view that the model takes
-    as it takes a KVCache. Its `pos` (B, 1) holds each row's own position (broadcasting as a single
-    position does), new keys and values are written there, and attention sees the keys up to the
-    longest row, each row's later positions masked out.
+    A forward pass of T new tokens runs over a contiguous range of rows, `rows(lo, hi, T)`: a view
+    that the model takes as it takes a KVCache. Its `pos` (B, 1) holds each row's own position
+    (broadcasting as a single position does), new keys and values are written there, and attention
+    sees the keys up to the longest row, each row's later positions masked out.
     """
 
     def __init__(self, cfg: ModelConfig, slots: int, max_len: int, device=None, dtype=None):
@@ -80,8 +61,8 @@ class SlotCache:
         self.lengths = torch.zeros((slots, 1), dtype=torch.long, device=device)
         self.slots, self.max_len = slots, max_len
 
-    def rows(self, lo: int, hi: int) -> "SlotRows":
-        return SlotRows(self, lo, hi)
+    def rows(self, lo: int, hi: int, T: int) -> "SlotRows":
+        return SlotRows(self, lo, hi, T)
 
     def move(self, src: int, dst: int) -> None:
         """Copy row src (its positions so far) into row dst: a sequence changes rows."""
@@ -93,6 +74,10 @@ class SlotCache:
 
     def clear(self, row: int) -> None:
         self.lengths[row] = 0
+
+    def rewind(self, row: int, n: int) -> None:
+        """Forget the row's positions from n on (its next write goes there): a cached prefix kept."""
+        self.lengths[row] = n
 
     def save(self, row: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Copies of the row's keys and values so far (a conversation's, kept for its next turn)."""
@@ -108,24 +93,27 @@ class SlotCache:
 
 
 class SlotRows:
-    """Rows [lo, hi) of a SlotCache, for one forward pass."""
+    """Rows [lo, hi) of a SlotCache, for one forward pass of T new tokens: views of each layer's keys
+    and values up to the longest row's end after the pass (the positions attention may read), and
+    of the rows' lengths. (Views, not slices taken in the pass: a compiled step then sees their sizes
+    as sizes of its inputs, which it can treat as dynamic: Scheduler(compile=True).)"""
 
-    def __init__(self, cache: SlotCache, lo: int, hi: int):
-        self.cache, self.lo, self.hi = cache, lo, hi
+    def __init__(self, cache: SlotCache, lo: int, hi: int, T: int):
         self.pos = cache.lengths[lo:hi]  # a view: advance() moves the cache's own lengths
-        self.longest = int(self.pos.max())
+        end = int(self.pos.max()) + T
+        if end > cache.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len={cache.max_len}")
+        self.k = [layer[lo:hi, :, :end] for layer in cache.k]
+        self.v = [layer[lo:hi, :, :end] for layer in cache.v]
 
     def update(self, layer: int, k, v):
         B, _, T, _ = k.shape
-        end = self.longest + T
-        if end > self.cache.max_len:
-            raise ValueError(f"KV cache overflow: {end} positions > max_len={self.cache.max_len}")
         positions = self.pos + torch.arange(T, device=k.device)  # (B, T): each row's own
         rows = torch.arange(B, device=k.device)[:, None]
-        keys, values = self.cache.k[layer][self.lo:self.hi], self.cache.v[layer][self.lo:self.hi]
-        keys[rows, :, positions] = k.transpose(1, 2)  # (B, T, K, D) into (B, K, max_len, D)
+        keys, values = self.k[layer], self.v[layer]
+        keys[rows, :, positions] = k.transpose(1, 2)  # (B, T, K, D) into (B, K, end, D)
         values[rows, :, positions] = v.transpose(1, 2)
-        return keys[:, :, :end], values[:, :, :end]
+        return keys, values
 
     def advance(self, T: int):
         self.pos += T

@@ -20,6 +20,48 @@ from .config import ModelConfig
 from .kv_cache import KVCache
 
 
+# ---- linear maps -----------------------------------------------------------------------------------
+class Linear(nn.Linear):
+    """nn.Linear, whose inference on the CPU runs through oneDNN's matrix product.
+
+    The same parameters and result; only the kernel differs. PyTorch's F.linear calls MKL, which on
+    AMD CPUs takes a slow path, and multiplies one row (a decoding step) on one core: oneDNN streams
+    the weights from both cores of our 2-core EPYC at 40 instead of 17 GB/s (1.7-2.2x tokens/s
+    decoding, RESULTS.md). Training (gradients) and other devices keep F.linear. In a compiled step
+    only the largest weights (the head) take oneDNN: inductor writes its own kernels for the others.
+    """
+
+    def forward(self, x):
+        if not _onednn_suits(x, self.weight):
+            return F.linear(x, self.weight, self.bias)
+        if torch.compiler.is_compiling():  # an opaque call in the graph (inductor's lowering wants frozen weights)
+            return onednn_linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def _onednn_suits(x, weight) -> bool:
+    if not (_ONEDNN and x.is_cpu and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    if torch.compiler.is_compiling() and max(weight.shape) <= 2048:
+        return False  # inductor's decompose_mm_pass writes its own kernel for these
+    return True
+
+
+@torch.library.custom_op("samovar::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.size(0)))
+
+
 # ---- normalisation ---------------------------------------------------------------------------------
 class LayerNorm(nn.Module):
     def __init__(self, dim: int, eps: float, bias: bool = True):
@@ -150,10 +192,10 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.scale = softmax_scale(cfg, cfg.head_dim)
         C, H, K, D = cfg.n_embd, self.n_head, self.n_kv_head, self.head_dim
-        self.q_proj = nn.Linear(C, H * D, bias=cfg.attn_bias)
-        self.k_proj = nn.Linear(C, K * D, bias=cfg.attn_bias)
-        self.v_proj = nn.Linear(C, K * D, bias=cfg.attn_bias)
-        self.out_proj = nn.Linear(H * D, C, bias=cfg.attn_out_bias)
+        self.q_proj = Linear(C, H * D, bias=cfg.attn_bias)
+        self.k_proj = Linear(C, K * D, bias=cfg.attn_bias)
+        self.v_proj = Linear(C, K * D, bias=cfg.attn_bias)
+        self.out_proj = Linear(H * D, C, bias=cfg.attn_out_bias)
         self.q_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else None
         self.resid_dropout = nn.Dropout(cfg.dropout)
@@ -180,8 +222,8 @@ def attend(attn: nn.Module, q, k, v, kv_cache: KVCache | None, attn_mask=None):
     the keys it allows (packed documents: model.document_positions)."""
     T, start = q.size(2), 0
     if kv_cache is not None:
-        start = kv_cache.pos  # an int; a tensor in a static cache; (B, 1), a position per row, in a SlotCache
-        k, v = kv_cache.update(attn.layer, k, v)  # (B, K, S, D) with S = start + T, or max_len
+        start = kv_cache.pos  # an int; or (B, 1), a position per row, in a SlotCache
+        k, v = kv_cache.update(attn.layer, k, v)  # (B, K, S, D) with S = start + T (the longest row's)
     mask = attn_mask if attn_mask is not None else \
         causal_mask(T, start, k.size(2), attn.sliding_window, q.device, always=torch.is_tensor(start))
     return F.scaled_dot_product_attention(
@@ -222,15 +264,15 @@ class LatentAttention(nn.Module):
         C, H, QK = cfg.n_embd, cfg.n_head, self.nope + self.rope
         self.q_low_rank = cfg.q_lora_rank is not None
         if not self.q_low_rank:
-            self.q_proj = nn.Linear(C, H * QK, bias=False)
+            self.q_proj = Linear(C, H * QK, bias=False)
         else:  # queries through their own low-rank bottleneck
-            self.q_down = nn.Linear(C, cfg.q_lora_rank, bias=cfg.attn_bias)
+            self.q_down = Linear(C, cfg.q_lora_rank, bias=cfg.attn_bias)
             self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.latent_norm_eps)
-            self.q_up = nn.Linear(cfg.q_lora_rank, H * QK, bias=False)
-        self.kv_down = nn.Linear(C, self.rank + self.rope, bias=cfg.attn_bias)
+            self.q_up = Linear(cfg.q_lora_rank, H * QK, bias=False)
+        self.kv_down = Linear(C, self.rank + self.rope, bias=cfg.attn_bias)
         self.kv_norm = RMSNorm(self.rank, cfg.latent_norm_eps)
-        self.kv_up = nn.Linear(self.rank, H * (self.nope + self.v_dim), bias=False)
-        self.out_proj = nn.Linear(H * self.v_dim, C, bias=cfg.attn_out_bias)
+        self.kv_up = Linear(self.rank, H * (self.nope + self.v_dim), bias=False)
+        self.out_proj = Linear(H * self.v_dim, C, bias=cfg.attn_out_bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope=None, kv_cache: KVCache | None = None, attn_mask=None):
@@ -271,8 +313,8 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig, d_ff: int):
         super().__init__()
-        self.up_proj = nn.Linear(cfg.n_embd, d_ff, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(d_ff, cfg.n_embd, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.n_embd, d_ff, bias=cfg.mlp_bias)
+        self.down_proj = Linear(d_ff, cfg.n_embd, bias=cfg.mlp_bias)
         self.act = _activation(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -285,9 +327,9 @@ class GatedMLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig, d_ff: int):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.n_embd, d_ff, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.n_embd, d_ff, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(d_ff, cfg.n_embd, bias=cfg.mlp_bias)
+        self.gate_proj = Linear(cfg.n_embd, d_ff, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.n_embd, d_ff, bias=cfg.mlp_bias)
+        self.down_proj = Linear(d_ff, cfg.n_embd, bias=cfg.mlp_bias)
         self.act = _activation(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .layers import (MLP, Attention, GatedMLP, LatentAttention, LayerNorm, MoE, RMSNorm, Rotary, Router,
+from .layers import (MLP, Attention, GatedMLP, LatentAttention, LayerNorm, Linear, MoE, RMSNorm, Rotary, Router,
                      RouterStats, init_std_for_residual, load_balancing_loss, make_attention, make_mlp, make_norm)
 from .loss import head_cross_entropy
 from .lstm import Seq2SeqLSTM
@@ -77,7 +77,7 @@ class Transformer(nn.Module):
         self.emb_dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.final_norm = make_norm(cfg) if cfg.norm_placement == "pre" else nn.Identity()
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if not self.tok_emb.weight.is_meta:  # (on the meta device there are no values to set)
@@ -95,7 +95,7 @@ class Transformer(nn.Module):
         balance = targets is not None and self.config.n_expert > 0 and self.config.aux_loss_coef > 0
         if balance and router_stats is None:
             router_stats = RouterStats()  # the load-balancing loss needs this pass's routing
-        start = 0 if kv_cache is None else kv_cache.pos  # an int, a tensor (static cache), or (B, 1): one a row
+        start = 0 if kv_cache is None else kv_cache.pos  # an int, or (B, 1): one a row (SlotCache)
         if isinstance(start, int) and start + T > self.config.context_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds context_len={self.config.context_len}")
         x = self.tok_emb(idx)  # (B, T, C)
@@ -173,10 +173,10 @@ class Transformer(nn.Module):
         n = self.num_params() - (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
         return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.context_len
 
-    def new_kv_cache(self, batch_size: int, max_len: int | None = None, static: bool = False) -> KVCache:
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty cache for `batch_size` sequences, on the model's device and in its dtype."""
         p = self.tok_emb.weight
-        return KVCache(self.config, batch_size, max_len or self.config.context_len, p.device, p.dtype, static)
+        return KVCache(self.config, batch_size, max_len or self.config.context_len, p.device, p.dtype)
 
 
 ARCHS = {"transformer": Transformer, "lstm-seq2seq": Seq2SeqLSTM}

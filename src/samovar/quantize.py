@@ -45,9 +45,21 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-        quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear: qconfig},
-                                                           dtype=torch.qint8)
+        quantized = torch.ao.quantization.quantize_dynamic(_plain_linears(copy.deepcopy(model).eval()),
+                                                           {nn.Linear: qconfig}, dtype=torch.qint8)
     return quantized
+
+
+def _plain_linears(model: nn.Module) -> nn.Module:
+    """The model with each layers.Linear made an nn.Linear of the same parameters, the one class
+    torch.ao's dynamic quantization converts."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and type(child) is not nn.Linear:
+                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                plain.weight, plain.bias = child.weight, child.bias
+                setattr(module, name, plain)
+    return model
 
 
 class Int8Linear(nn.Module):

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine import GenerationError, Penalties, SamplingParams, choose, reusable, seeded_generator
+from ..engine import (GenerationError, Penalties, SamplingParams, check_compilable, choose, compiled_step,
+                      reusable, seeded_generator)
 from ..kv_cache import SlotCache
 
 
@@ -116,8 +117,19 @@ class Scheduler:
     """Decodes the sequences submitted to it together, `slots` at a time, in a thread of its own."""
 
     def __init__(self, model, slots: int = 16, max_waiting: int = 64, prefill_chunk: int = 256,
-                 vocab_limit: int | None = None, keep_sessions: int = 64):
+                 vocab_limit: int | None = None, keep_sessions: int = 64, compile: bool = False,
+                 thread: bool = True):
+        """compile: decoding steps run through engine.compiled_step (prefill stays eager); its graphs
+        are compiled when first needed, or by warm_up().
+        thread: run the loop in a thread of its own; thread=False leaves it to the caller, run().
+        On the CPU, run it in the thread that loaded the model (samovar serve and telegram run it in
+        the main thread, their front ends in another): torch's OpenMP keeps a pool of threads for
+        each thread that runs parallel work, and with a second pool beside the first, each waits
+        for its work asleep instead of spinning, which halved decoding speed here (RESULTS.md)."""
+        if compile:
+            check_compilable(model)
         self.model = model.eval()
+        self.compile = compile
         self.context_len = model.config.context_len
         self.slots, self.max_waiting, self.prefill_chunk = slots, max_waiting, prefill_chunk
         self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < model.config.vocab_size else None
@@ -131,8 +143,9 @@ class Scheduler:
         self.steps = 0
         self._wake = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="samovar-scheduler", daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self.run, name="samovar-scheduler", daemon=True) if thread else None
+        if self._thread is not None:
+            self._thread.start()
 
     # ---- the readers' side ------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams, stop_ids=(), logprobs: int | None = None,
@@ -162,27 +175,75 @@ class Scheduler:
         with self._wake:
             self._closed = True
             self._wake.notify()
-        self._thread.join()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def warm_up(self) -> None:
+        """Compile the decoding graphs now (one row; two at once) rather than at the first requests
+        (compile=True). Call it before the loop runs, in the thread that will run it."""
+        if not self.compile:
+            return
+        with torch.inference_mode():
+            for rows in sorted({1, min(2, self.slots)}):
+                self.cache.lengths.fill_(1)  # one position cached: two attended, as in any decoding step
+                compiled_step(self.model, torch.zeros((rows, 1), dtype=torch.long, device=self.cache.lengths.device),
+                              self.cache.rows(0, rows, 1))
+            self.cache.lengths.zero_()
 
     # ---- the loop ---------------------------------------------------------------------------------
-    def _run(self) -> None:
-        while True:
+    def run(self) -> None:
+        """The loop: decode until close() (in the scheduler's thread, or the caller's: thread=False).
+        Whatever ends it, the sequences still waiting or decoding get an error, none hangs."""
+        try:
+            while True:
+                with self._wake:
+                    while not self._closed and not (self.waiting or self.prefilling or self.decoding):
+                        self._wake.wait()
+                    if self._closed:
+                        break
+                    if self.prefilling is None and self.waiting and len(self.decoding) < self.slots:
+                        self._admit(self.waiting.popleft())
+                try:
+                    with torch.inference_mode():
+                        self._step()
+                except Exception as error:  # the model failed: every active sequence gets it, none hangs
+                    for seq in [*self.decoding, *([self.prefilling] if self.prefilling else [])]:
+                        seq._put(error)
+                    self.decoding, self.prefilling = [], None
+        finally:
             with self._wake:
-                while not self._closed and not (self.waiting or self.prefilling or self.decoding):
-                    self._wake.wait()
-                if self._closed:
-                    break
-                if self.prefilling is None and self.waiting and len(self.decoding) < self.slots:
-                    self._admit(self.waiting.popleft())
+                self._closed = True
+            for seq in [*self.waiting, *self.decoding, *([self.prefilling] if self.prefilling else [])]:
+                seq._put(GenerationError("the server is shutting down"))
+
+    def run_beside(self, front, stop) -> None:
+        """Run front() (an HTTP server, a bot) in a thread and the loop in this one, until Ctrl-C,
+        SIGTERM or the front's end; then stop() the front. The front's error is raised here."""
+        import signal
+
+        errors = []
+
+        def target():
             try:
-                with torch.inference_mode():
-                    self._step()
-            except Exception as error:  # the model failed: every active sequence gets the error, none hangs
-                for seq in [*self.decoding, *([self.prefilling] if self.prefilling else [])]:
-                    seq._put(error)
-                self.decoding, self.prefilling = [], None
-        for seq in [*self.waiting, *self.decoding, *([self.prefilling] if self.prefilling else [])]:
-            seq._put(GenerationError("the server is shutting down"))
+                front()
+            except BaseException as error:  # noqa: BLE001 (raised again in the caller's thread)
+                errors.append(error)
+            finally:
+                self.close()
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop: as Ctrl-C
+        thread = threading.Thread(target=target, name="samovar-front", daemon=True)
+        thread.start()
+        try:
+            self.run()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stop()
+            thread.join(timeout=30)
+        if errors:
+            raise errors[0]
 
     def _step(self) -> None:
         for seq in [s for s in self.decoding if s.cancelled]:
@@ -212,7 +273,7 @@ class Scheduler:
         seq = self.prefilling
         chunk = seq.prompt[seq.prefilled:seq.prefilled + self.prefill_chunk]
         logits = self._logits(torch.tensor([chunk], device=self.cache.lengths.device),
-                              self.cache.rows(seq.row, seq.row + 1))[0]  # (T, V)
+                              self.cache.rows(seq.row, seq.row + 1, len(chunk)))[0]  # (T, V)
         if seq.echo:
             for t, target in enumerate(seq.prompt[seq.prefilled + 1:seq.prefilled + len(chunk) + 1]):
                 seq.prompt_logprobs.append(_scored(logits[t:t + 1], target, seq.logprobs or 0))
@@ -236,12 +297,18 @@ class Scheduler:
     def _decode(self) -> None:
         decoding = list(self.decoding)
         last = torch.tensor([[s.last] for s in decoding], device=self.cache.lengths.device)
-        logits = self._logits(last, self.cache.rows(0, len(decoding)))[:, -1]  # (A, V)
+        rows = self.cache.rows(0, len(decoding), 1)
+        if self.compile:
+            logits = self._masked(compiled_step(self.model, last, rows))
+        else:
+            logits = self._logits(last, rows)[:, -1]  # (A, V)
         for i, seq in enumerate(decoding):
             self._emit(seq, logits[i:i + 1])
 
     def _logits(self, idx, rows):
-        logits = self.model(idx, kv_cache=rows)
+        return self._masked(self.model(idx, kv_cache=rows))
+
+    def _masked(self, logits):
         if self.vocab_limit is not None:
             logits[..., self.vocab_limit:] = float("-inf")
         return logits

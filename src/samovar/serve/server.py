@@ -442,10 +442,12 @@ class Run:
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, name: str = "samovar") -> None:
-    """Run the app with uvicorn until Ctrl-C."""
+    """Run the app with uvicorn until Ctrl-C or SIGTERM: uvicorn in a thread, the loop of the app's
+    scheduler (made with thread=False) in this one (Scheduler.run_beside)."""
     try:
         import uvicorn
     except ImportError:
         raise GenerationError("serving needs uvicorn and fastapi: pip install 'samovar[serve]'") from None
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     print(f"serving {name} on http://{host}:{port} (OpenAI API at /v1, chat page at /)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    app.state.scheduler.run_beside(server.run, lambda: setattr(server, "should_exit", True))

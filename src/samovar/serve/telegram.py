@@ -16,9 +16,11 @@ variable and never appears in a log; --api-url points the bot at a self-hosted B
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -206,17 +208,17 @@ class ChatBot:
                 await asyncio.sleep(e.retry_after)
 
 
-async def run_bot(llm: LLM, token: str, sampling: dict, database: str | Path, api_url: str | None = None,
-                  system: str | None = None, allow: set[int] | None = None, slots: int = 16,
-                  update_seconds: float = 1.0) -> None:
-    """Poll the Bot API and answer until interrupted (SIGINT or SIGTERM)."""
+async def run_bot(llm: LLM, scheduler: Scheduler, token: str, sampling: dict, database: str | Path,
+                  api_url: str | None = None, system: str | None = None, allow: set[int] | None = None,
+                  update_seconds: float = 1.0, stop: threading.Event | None = None) -> None:
+    """Poll the Bot API and answer through `scheduler` until `stop` is set (or, without one, until
+    SIGINT or SIGTERM)."""
     try:
         from aiogram import Bot, Dispatcher
         from aiogram.client.session.aiohttp import AiohttpSession
         from aiogram.client.telegram import TelegramAPIServer
     except ImportError:
         raise GenerationError("the Telegram bot needs aiogram: pip install 'samovar[telegram]'") from None
-    scheduler = Scheduler(llm.model, slots=slots, vocab_limit=llm.tokenizer.vocab_size)
     session = AiohttpSession(api=TelegramAPIServer.from_base(api_url)) if api_url else None
     bot = Bot(token, session=session)
     chat_bot = ChatBot(llm, scheduler, Memory(database), sampling, system, allow, update_seconds)
@@ -226,7 +228,20 @@ async def run_bot(llm: LLM, token: str, sampling: dict, database: str | Path, ap
         me = await bot.get_me()
         print(f"samovar telegram: @{me.username} is answering (conversations in {database}); Ctrl-C stops",
               flush=True)
-        await dispatcher.start_polling(bot, polling_timeout=10)
+        if stop is None:
+            await dispatcher.start_polling(bot, polling_timeout=10)
+            return
+        polling = asyncio.create_task(dispatcher.start_polling(bot, polling_timeout=10, handle_signals=False))
+        asked = asyncio.get_running_loop().run_in_executor(None, stop.wait)
+        await asyncio.wait([polling, asked], return_when=asyncio.FIRST_COMPLETED)
+        if not polling.done():
+            try:
+                await dispatcher.stop_polling()
+            except RuntimeError:  # asked before polling had begun
+                polling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await polling
     finally:
+        if stop is not None:
+            stop.set()  # (ends the executor's wait when polling ended first)
         await bot.session.close()
-        scheduler.close()
