@@ -4,7 +4,8 @@ For each configuration: build a random HF LLaMA, save it, import it into samovar
 --new-tokens tokens after a --prompt-tokens prompt with each, alternating, --repeats times; print
 tokens/s (medians) and the ratios. The first tokens of both must agree (the same model).
 
---compile also times samovar's compiled one-token step (Engine(compile=True)); --int8 times
+--compile also times samovar's compiled one-token step (Engine(compile=True)); --bf16 times bf16
+weights (eager, and compiled with --compile); --int8 times
 decoding with int8 weights (samovar.quantize: FBGEMM's int8, and with --compile also weight-only
 int8 through the compiled step; their perplexity cost on a trained model is what
 benchmarks/int8.py measures); --llama-bench PATH writes the same weights as an f32 GGUF file and
@@ -18,6 +19,7 @@ times llama.cpp's `llama-bench` on it (text generation of --new-tokens tokens af
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import subprocess
@@ -70,6 +72,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also time Engine(compile=True)")
     p.add_argument("--int8", action="store_true", help="also time int8 decoding (samovar.quantize)")
+    p.add_argument("--bf16", action="store_true", help="also time bf16 weights (fast where the CPU has native bf16)")
     p.add_argument("--llama-bench", help="path of llama.cpp's llama-bench binary, to time it too")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -99,6 +102,12 @@ def main() -> None:
             if args.int8 and args.compile:
                 engines["samovar int8wo compiled"] = Engine(quantize_int8_weight_only(ours), compile=True)
                 list(engines["samovar int8wo compiled"].generate(prompt, params))
+            if args.bf16:
+                bf16 = copy.deepcopy(ours).to(torch.bfloat16)
+                engines["samovar bf16"] = Engine(bf16)
+                if args.compile:
+                    engines["samovar bf16 compiled"] = Engine(bf16, compile=True)
+                    list(engines["samovar bf16 compiled"].generate(prompt, params))
             agreement = {}
             rates = {key: [] for key in [*engines, "HF", *peers]}
             for _ in range(args.repeats):
@@ -114,7 +123,7 @@ def main() -> None:
                     rates["HF"].append(args.new_tokens / (time.perf_counter() - start))
                 expected = ref[0, len(prompt):].tolist()
                 for key, out in outs.items():
-                    if "int8" in key:  # rounded weights: greedy paths part sooner or later
+                    if "int8" in key or "bf16" in key:  # rounded weights: greedy paths part sooner or later
                         same = next((i for i, (a, b) in enumerate(zip(out, expected)) if a != b), len(out))
                         agreement[key] = f"  ({key} agrees with float32 for the first {same} tokens)"
                     else:

@@ -158,7 +158,7 @@ def compiled_step(model, idx, rows: SlotRows):
     graphs serve every step: one for a single row, one for any number of rows (their count and the
     length attended to are symbols), each compiled when first needed (seconds; inductor's cache
     on disk makes it quicker the next time the same model starts)."""
-    for t in (idx, rows.pos, *rows.k, *rows.v):
+    for t in (idx, rows.pos, *rows.written, *rows.k, *rows.v):
         torch._dynamo.maybe_mark_dynamic(t, 0)  # the rows (a single row keeps a graph of its own)
     for t in (*rows.k, *rows.v):
         torch._dynamo.mark_dynamic(t, 2)  # the positions attended to

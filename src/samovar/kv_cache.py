@@ -105,14 +105,13 @@ class SlotRows:
             raise ValueError(f"KV cache overflow: {end} positions > max_len={cache.max_len}")
         self.k = [layer[lo:hi, :, :end] for layer in cache.k]
         self.v = [layer[lo:hi, :, :end] for layer in cache.v]
+        self.written = (torch.arange(hi - lo, device=self.pos.device)[:, None],  # where each layer writes:
+                        self.pos + torch.arange(T, device=self.pos.device))      # rows (B, 1), positions (B, T)
 
     def update(self, layer: int, k, v):
-        B, _, T, _ = k.shape
-        positions = self.pos + torch.arange(T, device=k.device)  # (B, T): each row's own
-        rows = torch.arange(B, device=k.device)[:, None]
         keys, values = self.k[layer], self.v[layer]
-        keys[rows, :, positions] = k.transpose(1, 2)  # (B, T, K, D) into (B, K, end, D)
-        values[rows, :, positions] = v.transpose(1, 2)
+        keys[self.written[0], :, self.written[1]] = k.transpose(1, 2)  # (B, T, K, D) into (B, K, end, D)
+        values[self.written[0], :, self.written[1]] = v.transpose(1, 2)
         return keys, values
 
     def advance(self, T: int):

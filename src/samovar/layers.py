@@ -47,8 +47,8 @@ def _onednn_suits(x, weight) -> bool:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
-    if torch.compiler.is_compiling() and max(weight.shape) <= 2048:
-        return False  # inductor's decompose_mm_pass writes its own kernel for these
+    if torch.compiler.is_compiling() and max(weight.shape) <= 2048 and x.shape[:-1].numel() == 1:
+        return False  # one row: inductor's decompose_mm_pass writes its own kernel for these
     return True
 
 
