@@ -36,13 +36,6 @@ class KVCache:
     def advance(self, T: int):
         self.pos += T
 
-    def rewind(self, pos: int):
-        """Forget every position from `pos` on (the next write goes there)."""
-        self.pos = pos
-
-    def reset(self):
-        self.pos = 0
-
 
 class SlotCache:
     """Keys and values of up to `slots` sequences at once, each at its own position: the cache of
