@@ -281,6 +281,10 @@ def create_app(llm: LLM, scheduler: Scheduler | None = None, model_name: str = "
         loop = asyncio.get_running_loop()
         run = Run(chat_id(req), prompts)
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        if len(prompts) * req.n > scheduler.slots + scheduler.max_waiting:  # never servable: not a 503
+            raise APIError(400, f"the request asks for {len(prompts) * req.n} sequences ({len(prompts)} prompts x "
+                                f"n={req.n}); this server holds at most {scheduler.slots + scheduler.max_waiting} "
+                                "at once (--slots and --max-waiting)", "n")
         try:
             for p, prompt in enumerate(prompts):
                 wanted = context_len - len(prompt) if max_tokens is None else max_tokens
