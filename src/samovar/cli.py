@@ -226,7 +226,7 @@ def cmd_generate(args) -> None:
     from .api import generate, load
 
     model, tokenizer = load(args.run, device=args.device, dtype=args.dtype, quantize=args.quantize)
-    compile = compiles(args, model, default=args.max_tokens >= COMPILE_PAYS)
+    compile = compiles(args, model)
     if compile and args.compile is None:
         print(f"samovar: compiling the decoding step: it pays from about {COMPILE_PAYS:,} new tokens "
               "(--no-compile: decode eagerly)", file=sys.stderr, flush=True)
@@ -254,7 +254,7 @@ def cmd_chat(args) -> None:
         raise ChatError(f"{args.run} has no chat template: fine-tune it on conversations first "
                         "(samovar prepare --chat FORMAT ..., then train with objective=sft)")
     session = ChatSession(llm.tokenizer, llm.model.config.context_len, args.system)
-    compile = compiles(args, llm.model, default=True)
+    compile = compiles(args, llm.model)
     if compile:
         with compiling():
             Engine(llm.model, compile=True).warm_up()
@@ -339,7 +339,7 @@ def cmd_eval(args) -> None:
 
     result = evaluate(load_for_eval(args.run, args, args.quantize), args.data, task=args.task,
                       max_examples=args.max_examples, max_tokens=args.max_tokens, with_latency=not args.no_latency,
-                      compile=bool(args.compile))
+                      compile=compile_wanted(args))
     if args.quantize:  # the cost of rounding: the float model's perplexity on the same text
         reference = evaluate(load_for_eval(args.run, args), args.data, task=result["task"], max_examples=0,
                              max_tokens=args.max_tokens, with_latency=False)
@@ -354,7 +354,7 @@ def cmd_compare(args) -> None:
     for run in args.runs:
         llm = load_for_eval(run, args, args.quantize)
         result = evaluate(llm, args.data, task=args.task, max_examples=args.max_examples, max_tokens=args.max_tokens,
-                          compile=bool(args.compile))
+                          compile=compile_wanted(args))
         rows.append({"run": str(run), "params": llm.model.num_params(), **result})
     print(compare_table(rows))
     compare_chart(rows, args.out)
@@ -498,14 +498,24 @@ def cmd_demo(args) -> None:
 
 
 # ---- serve ---------------------------------------------------------------------------------------------
-def compiles(args, model, default: bool) -> bool:
-    """Whether to decode through the compiled step: --compile or --no-compile, else the command's
-    default. A model that cannot compile (a mixture of experts, FBGEMM's int8) decodes eagerly, with
-    a note; asked for by --compile, it is an error."""
+def compile_wanted(args) -> bool:
+    """--compile or --no-compile, else the command's default: chat, serve and telegram compile,
+    generate from COMPILE_PAYS new tokens, eval and compare do not."""
+    if args.compile is not None:
+        return args.compile
+    if args.func is cmd_generate:
+        return args.max_tokens >= COMPILE_PAYS
+    return args.func in (cmd_chat, cmd_serve, cmd_telegram)
+
+
+def compiles(args, model) -> bool:
+    """Whether to decode `model` through the compiled step (compile_wanted). A model that cannot
+    compile (a mixture of experts, FBGEMM's int8) decodes eagerly, with a note; asked for by
+    --compile, it is an error."""
     from .engine import GenerationError, check_compilable
     from .model import Transformer
 
-    if not (default if args.compile is None else args.compile) or not isinstance(model, Transformer):
+    if not compile_wanted(args) or not isinstance(model, Transformer):
         return False
     try:
         check_compilable(model)
@@ -532,7 +542,7 @@ def decoding_scheduler(args, llm, **options):
     here), its loop left to the main thread: Scheduler.run_beside."""
     from .serve.scheduler import Scheduler
 
-    compile = compiles(args, llm.model, default=True)
+    compile = compiles(args, llm.model)
     scheduler = Scheduler(llm.model, vocab_limit=llm.tokenizer.vocab_size, compile=compile, thread=False, **options)
     if compile:
         with compiling():
@@ -897,8 +907,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "quantize", None) == "int8wo" and (args.compile is False or args.compile is None and (
-            args.func in (cmd_eval, cmd_compare) or args.func is cmd_generate and args.max_tokens < COMPILE_PAYS)):
+    if getattr(args, "quantize", None) == "int8wo" and not compile_wanted(args):
         print("samovar: note: int8wo is fast with --compile; without it, decoding runs at about half "
               "float32's speed", file=sys.stderr)
     try:

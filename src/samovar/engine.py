@@ -165,6 +165,19 @@ def compiled_step(model, idx, rows: SlotRows):
     return _compiled_last_logits()(model, idx, rows)
 
 
+def step_logits(model, idx, rows: SlotRows, compile: bool):
+    """The last logits (B, V) of one decoding step over SlotRows: compiled (compiled_step) or eager."""
+    return compiled_step(model, idx, rows) if compile else _last_logits(model, idx, rows)
+
+
+def mask_padding(logits, vocab_limit: int | None):
+    """The logits with every id at or above vocab_limit (a vocabulary padded past its tokenizer's)
+    made impossible."""
+    if vocab_limit and vocab_limit < logits.size(-1):
+        logits[..., vocab_limit:] = float("-inf")
+    return logits
+
+
 def check_compilable(model) -> None:
     if is_dynamic_int8(model):
         raise GenerationError("compile does not combine with int8 (FBGEMM's dynamic kernel); "
@@ -212,7 +225,7 @@ class Engine:
             check_compilable(model)
         self.model = model
         self.context_len = model.config.context_len
-        self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < model.config.vocab_size else None
+        self.vocab_limit = vocab_limit
         self.compile = compile
 
     def warm_up(self) -> None:
@@ -284,15 +297,9 @@ class Engine:
     def _prefill(self, ids: list[int], cache: SlotCache | None):
         """The last logits (1, V) after the ids, written into the cache when there is one (eager)."""
         idx = torch.tensor([ids], device=self.model.tok_emb.weight.device)
-        return self._masked(_last_logits(self.model, idx, None if cache is None else cache.rows(0, 1, len(ids))))
+        rows = None if cache is None else cache.rows(0, 1, len(ids))
+        return mask_padding(_last_logits(self.model, idx, rows), self.vocab_limit)
 
     def _step(self, token: int, cache: SlotCache):
         idx = torch.tensor([[token]], device=cache.lengths.device)
-        rows = cache.rows(0, 1, 1)
-        step = compiled_step if self.compile else _last_logits
-        return self._masked(step(self.model, idx, rows))
-
-    def _masked(self, logits):
-        if self.vocab_limit is not None:
-            logits[:, self.vocab_limit:] = float("-inf")
-        return logits
+        return mask_padding(step_logits(self.model, idx, cache.rows(0, 1, 1), self.compile), self.vocab_limit)

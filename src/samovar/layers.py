@@ -25,10 +25,11 @@ class Linear(nn.Linear):
     """nn.Linear, whose inference on the CPU runs through oneDNN's matrix product.
 
     The same parameters and result; only the kernel differs. PyTorch's F.linear calls MKL, which on
-    AMD CPUs takes a slow path, and multiplies one row (a decoding step) on one core: oneDNN streams
-    the weights from both cores of our 2-core EPYC at 40 instead of 17 GB/s (1.7-2.2x tokens/s
-    decoding, RESULTS.md). Training (gradients) and other devices keep F.linear. In a compiled step
-    only the largest weights (the head) take oneDNN: inductor writes its own kernels for the others.
+    our 2-core AMD EPYC multiplies one row (a decoding step) on one core at 16-25 GB/s; oneDNN streams
+    the weights from both at 40 GB/s (1.7-2.2x tokens/s decoding, RESULTS.md). Training (gradients)
+    and other devices keep F.linear. In a compiled step, one row times a weight of at most 2,048 rows
+    and columns is left to inductor's own kernel (decompose_mm_pass); the head and batches of rows
+    take oneDNN.
     """
 
     def forward(self, x):

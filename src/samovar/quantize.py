@@ -53,12 +53,22 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 def _plain_linears(model: nn.Module) -> nn.Module:
     """The model with each layers.Linear made an nn.Linear of the same parameters, the one class
     torch.ao's dynamic quantization converts."""
+    def plain(linear: nn.Linear) -> nn.Linear:
+        if type(linear) is nn.Linear:
+            return linear
+        made = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        made.weight, made.bias = linear.weight, linear.bias
+        return made
+
+    return _each_linear(model, plain)
+
+
+def _each_linear(model: nn.Module, make) -> nn.Module:
+    """The model with each of its nn.Linear layers (the head too) replaced by make(layer)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and type(child) is not nn.Linear:
-                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
-                plain.weight, plain.bias = child.weight, child.bias
-                setattr(module, name, plain)
+            if isinstance(child, nn.Linear):
+                setattr(module, name, make(child))
     return model
 
 
@@ -86,12 +96,7 @@ class Int8Linear(nn.Module):
 
 def quantize_int8_weight_only(model: nn.Module) -> nn.Module:
     """A copy of `model` whose Linear layers (the head too) are Int8Linear; for inference."""
-    quantized = copy.deepcopy(model).eval()
-    for module in list(quantized.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child))
-    return quantized
+    return _each_linear(copy.deepcopy(model).eval(), Int8Linear)
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..engine import (GenerationError, Penalties, SamplingParams, check_compilable, choose, compiled_step,
-                      reusable, seeded_generator)
+                      mask_padding, reusable, seeded_generator, step_logits)
 from ..kv_cache import SlotCache
 
 
@@ -132,7 +132,7 @@ class Scheduler:
         self.compile = compile
         self.context_len = model.config.context_len
         self.slots, self.max_waiting, self.prefill_chunk = slots, max_waiting, prefill_chunk
-        self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < model.config.vocab_size else None
+        self.vocab_limit = vocab_limit
         p = model.tok_emb.weight
         self.cache = SlotCache(model.config, slots, self.context_len, p.device, p.dtype)
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -272,8 +272,9 @@ class Scheduler:
     def _prefill(self) -> None:
         seq = self.prefilling
         chunk = seq.prompt[seq.prefilled:seq.prefilled + self.prefill_chunk]
-        logits = self._logits(torch.tensor([chunk], device=self.cache.lengths.device),
-                              self.cache.rows(seq.row, seq.row + 1, len(chunk)))[0]  # (T, V)
+        logits = mask_padding(self.model(torch.tensor([chunk], device=self.cache.lengths.device),
+                                         kv_cache=self.cache.rows(seq.row, seq.row + 1, len(chunk))),
+                              self.vocab_limit)[0]  # (T, V)
         if seq.echo:
             for t, target in enumerate(seq.prompt[seq.prefilled + 1:seq.prefilled + len(chunk) + 1]):
                 seq.prompt_logprobs.append(_scored(logits[t:t + 1], target, seq.logprobs or 0))
@@ -298,20 +299,9 @@ class Scheduler:
         decoding = list(self.decoding)
         last = torch.tensor([[s.last] for s in decoding], device=self.cache.lengths.device)
         rows = self.cache.rows(0, len(decoding), 1)
-        if self.compile:
-            logits = self._masked(compiled_step(self.model, last, rows))
-        else:
-            logits = self._logits(last, rows)[:, -1]  # (A, V)
+        logits = mask_padding(step_logits(self.model, last, rows, self.compile), self.vocab_limit)  # (A, V)
         for i, seq in enumerate(decoding):
             self._emit(seq, logits[i:i + 1])
-
-    def _logits(self, idx, rows):
-        return self._masked(self.model(idx, kv_cache=rows))
-
-    def _masked(self, logits):
-        if self.vocab_limit is not None:
-            logits[..., self.vocab_limit:] = float("-inf")
-        return logits
 
     def _emit(self, seq: Sequence, logits) -> None:
         """Choose the sequence's next token from its logits (1, V) and hand it to the reader."""
