@@ -30,7 +30,17 @@ def model_of(preset: str, tokenizer, **changes):
     torch.manual_seed(0)
     changes = {"vocab_size": tokenizer.vocab_size + 3, "context_len": 64, **changes}  # a padded vocabulary
     cfg = get_preset(preset).replace(**changes)
-    return Transformer(cfg).eval()
+    return with_balancing_bias(Transformer(cfg).eval())
+
+
+def with_balancing_bias(model):
+    """DeepSeek-V3's routers with a balancing bias as training leaves it (it starts at zero), so that
+    what reads the model must apply it to choose the same experts."""
+    for block in model.blocks:
+        router = getattr(block.mlp, "router", None)
+        if router is not None and router.bias is not None:
+            router.bias.copy_(torch.randn(router.bias.shape) * 0.1)
+    return model
 
 
 # transformers does not read a qwen3 GGUF's attention.key_length nor a gpt2 GGUF's context_length
@@ -66,10 +76,10 @@ def test_an_export_reads_back_and_transformers_gives_our_logits_and_ids(tmp_path
         assert hf_tok.encode(text, add_special_tokens=False) == tokenizer.encode(text), text
 
 
-def test_f16_and_q8_0_store_the_matrices_smaller_and_load_close(tmp_path, tokenizer):
+def test_f16_bf16_and_q8_0_store_the_matrices_smaller_and_load_close(tmp_path, tokenizer):
     model = model_of("llama-tiny", tokenizer)
     ids = torch.tensor([tokenizer.encode(TEXTS[1])])
-    for kind, qtype, tol in (("f16", gguf.GGMLQuantizationType.F16, 1e-2),
+    for kind, qtype, tol in (("f16", gguf.GGMLQuantizationType.F16, 1e-2), ("bf16", gguf.GGMLQuantizationType.BF16, 5e-2),
                              ("q8_0", gguf.GGMLQuantizationType.Q8_0, 5e-2)):
         path = export_gguf(model, tokenizer, tmp_path / f"model-{kind}.gguf", kind=kind)
         types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}
@@ -83,8 +93,9 @@ def test_import_takes_an_export_back_and_refuses_a_damaged_file(tmp_path, tokeni
     from samovar.api import LLM
     from samovar.interop.gguf import import_gguf
 
-    cases = [(p, "f32", 0.0) for p in ("llama-tiny", "qwen3-tiny", "gemma-tiny", "mixtral-tiny", "gpt2-tiny")]
-    for preset, kind, tol in cases + [("llama-tiny", "q8_0", 5e-2)]:
+    cases = [(p, "f32", 0.0) for p in ("llama-tiny", "qwen3-tiny", "gemma-tiny", "mixtral-tiny", "gpt2-tiny",
+                                       "deepseek-v3-tiny")]
+    for preset, kind, tol in cases + [("llama-tiny", "bf16", 2e-2), ("llama-tiny", "q8_0", 5e-2)]:
         model = model_of(preset, tokenizer)
         again, tok = import_gguf(export_gguf(model, tokenizer, tmp_path / f"{preset}.gguf", kind))
         ids = torch.tensor([tokenizer.encode(TEXTS[0])])
@@ -150,6 +161,47 @@ def test_gemma_and_mixtral_are_laid_out_as_llama_cpp_reads_them(tmp_path, tokeni
     assert tuple(int(d) for d in reversed(tensors["blk.0.ffn_gate_inp.weight"].shape)) == (cfg.n_expert, cfg.n_embd)
 
 
+def test_deepseek_v3_is_laid_out_as_llama_cpp_reads_it(tmp_path, tokenizer):
+    """llama.cpp's deepseek2: latent attention as one shared compressed head whose expansion is split
+    into a key part (transposed, multiplied into the queries) and a value part; the routing's keys; the
+    balancing bias. (transformers does not read deepseek2 from GGUF: llama.cpp checks it, in
+    make test-llamacpp.) The same model without query compression goes out and back too."""
+    from samovar.interop.gguf import import_gguf
+
+    model = model_of("deepseek-v3-tiny", tokenizer)
+    cfg = model.config
+    reader = gguf.GGUFReader(str(export_gguf(model, tokenizer, tmp_path / "ds.gguf")))
+    field = lambda key: reader.fields[f"deepseek2.{key}"].contents()  # noqa: E731
+    assert reader.fields["general.architecture"].contents() == "deepseek2"
+    assert (field("attention.head_count_kv"), field("attention.key_length"), field("attention.value_length")) == \
+        (1, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.kv_lora_rank)
+    assert (field("attention.key_length_mla"), field("attention.value_length_mla")) == (cfg.head_dim, cfg.v_head_dim)
+    assert (field("attention.q_lora_rank"), field("rope.dimension_count")) == (cfg.q_lora_rank, cfg.qk_rope_head_dim)
+    assert (field("leading_dense_block_count"), field("expert_shared_count"), field("expert_feed_forward_length")) == \
+        (cfg.n_dense_layers, cfg.n_shared_expert, cfg.expert_d_ff)
+    assert field("expert_gating_func") == gguf.ExpertGatingFuncType.SIGMOID
+    assert (field("expert_weights_scale"), field("expert_weights_norm")) == (cfg.routed_scale, True)
+    assert (field("expert_group_count"), field("expert_group_used_count")) == (cfg.n_expert_group, cfg.n_expert_group_active)
+    tensors = {t.name: t for t in reader.tensors}
+    shape = lambda name: tuple(int(d) for d in reversed(tensors[name].shape))  # noqa: E731
+    assert shape("blk.0.attn_k_b.weight") == (cfg.n_head, cfg.kv_lora_rank, cfg.qk_nope_head_dim)
+    assert shape("blk.0.attn_v_b.weight") == (cfg.n_head, cfg.v_head_dim, cfg.kv_lora_rank)
+    assert "blk.0.attn_kv_b.weight" not in tensors and "blk.0.ffn_gate_exps.weight" not in tensors  # layer 0: dense
+    assert shape("blk.1.ffn_up_exps.weight") == (cfg.n_expert, cfg.expert_d_ff, cfg.n_embd)
+    bias = model.blocks[1].mlp.router.bias.detach()
+    assert torch.equal(torch.tensor(tensors["blk.1.exp_probs_b.bias"].data), bias)
+    # the key part, multiplied into a query's unrotated half, gives its scores against the latent rows
+    k_b = torch.tensor(tensors["blk.0.attn_k_b.weight"].data)
+    kv_up = model.blocks[0].attn.kv_up.weight.detach().view(cfg.n_head, -1, cfg.kv_lora_rank)
+    assert torch.equal(k_b.transpose(1, 2), kv_up[:, :cfg.qk_nope_head_dim])
+
+    plain = model_of("deepseek-v3-tiny", tokenizer, q_lora_rank=None)
+    again, _ = import_gguf(export_gguf(plain, tokenizer, tmp_path / "plain.gguf"))
+    ids = torch.tensor([tokenizer.encode(TEXTS[0])])
+    with torch.no_grad():
+        assert again.config.q_lora_rank is None and torch.equal(again(ids), plain(ids))
+
+
 def test_weights_only_files_for_llama_bench(tmp_path, tokenizer):
     model = model_of("llama-tiny", tokenizer)
     reader = gguf.GGUFReader(str(export_gguf(model, None, tmp_path / "w.gguf", weights_only=True)))
@@ -163,8 +215,15 @@ def test_what_cannot_be_exported_is_refused_in_one_line(tmp_path, tokenizer):
     word = Tokenizer.train("word", TEXTS)
     with pytest.raises(GGUFError, match="byte-level BPE or char tokenizer; this model's is word"):
         export_gguf(model_of("llama-tiny", word), word, tmp_path / "x.gguf")
-    with pytest.raises(GGUFError, match="covers the llama, mistral, mixtral, qwen3, gemma, gpt2 families"):
-        export_gguf(model_of("deepseek-v3-tiny", tokenizer), tokenizer, tmp_path / "x.gguf")
+    with pytest.raises(GGUFError, match="covers the llama, mistral, mixtral, qwen3, gemma, gpt2, deepseek_v3 families"):
+        export_gguf(model_of("gpt1-tiny", tokenizer), tokenizer, tmp_path / "x.gguf")
+    with pytest.raises(GGUFError, match="deepseek2 has no attention biases"):
+        export_gguf(model_of("deepseek-v3-tiny", tokenizer, attn_bias=True, attn_out_bias=True), tokenizer, tmp_path / "x.gguf")
+    with pytest.raises(GGUFError, match="rotate this model's positions otherwise: its llama yarn has no mscale"):
+        export_gguf(model_of("llama-tiny", tokenizer, rope_scaling={"type": "yarn", "factor": 4.0, "mscale": 0.7,
+                                                                     "original_context_len": 16}), tokenizer, tmp_path / "x.gguf")
+    with pytest.raises(GGUFError, match="DeepSeek-V2-Lite, which has no query compression"):
+        export_gguf(model_of("deepseek-v3-tiny", tokenizer, n_layer=27), tokenizer, tmp_path / "x.gguf")
     with pytest.raises(GGUFError, match="no sliding window"):
         export_gguf(model_of("mistral-tiny", tokenizer, sliding_window=16), tokenizer, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
@@ -205,10 +264,11 @@ def trained(tmp_path_factory, tokenizer):
     out = {}
     for name, preset, tok in (("llama", "llama-tiny", tokenizer), ("qwen3", "qwen3-tiny", tokenizer),
                               ("gemma", "gemma-tiny", tokenizer), ("mixtral", "mixtral-tiny", tokenizer),
-                              ("gpt2", "gpt2-tiny", tokenizer), ("qwen3-char", "qwen3-tiny", char)):
+                              ("gpt2", "gpt2-tiny", tokenizer), ("deepseek-v3", "deepseek-v3-tiny", tokenizer),
+                              ("qwen3-char", "qwen3-tiny", char)):
         torch.manual_seed(0)
         cfg = get_preset(preset).replace(vocab_size=tok.vocab_size, context_len=160)
-        model = memorize(Transformer(cfg), tok.encode(CORPUS), steps=150)
+        model = memorize(with_balancing_bias(Transformer(cfg)), tok.encode(CORPUS), steps=150)
         out[name] = (model, tok, {kind: export_gguf(model, tok, folder / f"{name}-{kind}.gguf", kind)
                                   for kind in ("f32", "f16", "q8_0")})
     return out
@@ -273,7 +333,7 @@ def strings(n: int, alphabet: str | None = None) -> list[str]:
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma", "mixtral", "gpt2", "qwen3-char"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma", "mixtral", "gpt2", "deepseek-v3", "qwen3-char"])
 def test_llamacpp_tokenizes_and_decodes_as_samovar_does(llamacpp, trained, name):
     from samovar.chat import render_text
     from samovar.engine import Engine, SamplingParams
@@ -305,6 +365,62 @@ def test_llamacpp_tokenizes_and_decodes_as_samovar_does(llamacpp, trained, name)
     print(f"{name}: greedy continuations equal to samovar's f32: f16 {agreement['f16']:.0%}, "
           f"q8_0 {agreement['q8_0']:.0%}")
     assert agreement["f16"] >= 0.95
+
+
+@pytest.mark.llamacpp
+def test_llamacpp_cli_answers_as_samovar_chat_does(llamacpp, trained):
+    """The README's `llama-cli -m chat.gguf`: its conversation, through the file's chat template,
+    answers greedily what samovar's chat answers."""
+    import subprocess
+
+    from samovar.api import LLM
+
+    model, tokenizer, files = trained["llama"]
+    question = "Мороз и солнце"
+    ours = LLM(model, tokenizer).chat([{"role": "user", "content": question}], max_tokens=24, temperature=0)
+    r = subprocess.run([str(llamacpp / "llama-cli"), "-m", str(files["f32"]), "--single-turn", "--simple-io",
+                        "-p", question, "-n", "24", "--temp", "0"], capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL, timeout=120)
+    assert r.returncode == 0, r.stderr[-500:]
+    answer = r.stdout.split(f"> {question}\n", 1)[1].rsplit("\n[ Prompt:", 1)[0].strip()
+    ours = ours.rstrip("\ufffd").strip()  # llama-cli holds back a last character whose bytes are not all out
+    assert ours and answer == ours
+
+
+YARN = {"type": "yarn", "factor": 4.0, "original_context_len": 32}
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("preset, scaling", [
+    ("deepseek-v3-tiny", {**YARN, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),  # DeepSeek-V3's
+    ("deepseek-v3-tiny", {**YARN, "mscale": 0.707, "mscale_all_dim": 0.707}),  # DeepSeek-V2's
+    ("llama-tiny", YARN), ("llama-tiny", {"type": "linear", "factor": 4.0}),
+    ("llama-tiny", {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_context_len": 32})])
+def test_llamacpp_scales_rotary_positions_as_samovar_does(llamacpp, tokenizer, tmp_path, preset, scaling):
+    """Greedy continuations well past the original context (32 positions) equal samovar's, and an
+    exported file imports back to the same model."""
+    from conftest import memorize
+    from samovar.engine import Engine, SamplingParams
+    from samovar.interop.gguf import import_gguf
+
+    torch.manual_seed(0)
+    cfg = get_preset(preset).replace(vocab_size=tokenizer.vocab_size, context_len=160, rope_scaling=scaling)
+    model = memorize(with_balancing_bias(Transformer(cfg)), tokenizer.encode(CORPUS), steps=150, context=96)
+    path = export_gguf(model, tokenizer, tmp_path / "scaled.gguf")
+    ids = tokenizer.encode(CORPUS)
+    prompts = [ids[i * 11:i * 11 + 40 + 6 * i] for i in range(8)]
+    params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    ours = [list(Engine(model).generate(p, params)) for p in prompts]
+    server = LlamaServer(llamacpp, path)
+    try:
+        assert [server.greedy(p, 64) for p in prompts] == ours
+    finally:
+        server.stop()
+    if scaling["type"] != "llama3":  # (its per-frequency factors are not read back)
+        again, _ = import_gguf(path)
+        with torch.no_grad():
+            assert torch.equal(again(torch.tensor([ids[:150]])), model(torch.tensor([ids[:150]])))
 
 
 @pytest.mark.llamacpp

@@ -836,7 +836,7 @@ def export_arguments(s) -> None:
     s.add_argument("--format", default="hf", choices=["hf", "gguf"],
                    help="hf: transformers' from_pretrained layout (a folder); gguf: one file llama.cpp loads")
     s.add_argument("--out", required=True, help="the folder (hf) or the .gguf file to write")
-    s.add_argument("--type", default="f32", choices=["f32", "f16", "q8_0"], help="gguf: the matrices' type")
+    s.add_argument("--type", default="f32", choices=["f32", "f16", "bf16", "q8_0"], help="gguf: the matrices' type")
 
 
 def speedrun_arguments(s) -> None:

@@ -6,7 +6,7 @@ architecture of that family, with llama.cpp's hyperparameter keys and the tokeni
 (byte-level BPE: tokens, merges, token types, bos/eos/pad, the chat template, and the pre-tokenizer
 name that tells llama.cpp which split regex the vocabulary was trained with).
 
-    export_gguf(model, tokenizer, "model.gguf", kind="f32")     # or f16, q8_0
+    export_gguf(model, tokenizer, "model.gguf", kind="f32")     # or f16, bf16, q8_0
     model, tokenizer = import_gguf("model.gguf")                 # f32/f16/bf16, q8_0, k-quants: dequantized
 
 Import is the same way back: llama.cpp's hyperparameters become the HF config, the tensors are
@@ -26,7 +26,7 @@ import torch
 from ..checkpoint import atomic_path
 from .hf import Family, config_from_hf, config_to_hf
 from .hf_config import HFError
-from .hf_weights import _expand, _permute_rope_rows, state_from_hf, state_to_hf
+from .hf_weights import _permute_rope_rows, state_from_hf, state_to_hf
 
 
 @dataclass(frozen=True)
@@ -40,16 +40,18 @@ class Arch:
     rope: bool = True
 
 
+# (DeepSeek-V3's HF files keep its rotated rows in pairs already: rope_interleave)
 ARCHITECTURES = {"llama": Arch("llama", pairs=True), "mistral": Arch("llama", pairs=True),
                  "mixtral": Arch("llama", pairs=True), "qwen3": Arch("qwen3"),
-                 "gemma": Arch("gemma", norm_plus_one=True), "gpt2": Arch("gpt2", conv1d=True, rope=False)}
+                 "gemma": Arch("gemma", norm_plus_one=True), "gpt2": Arch("gpt2", conv1d=True, rope=False),
+                 "deepseek_v3": Arch("deepseek2")}
 
 # the split regex of a byte-level BPE -> the tokenizer.ggml.pre name llama.cpp knows it by
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {GPT2_SPLIT: "gpt-2", LLAMA3_SPLIT: "llama-bpe"}
-KINDS = ("f32", "f16", "q8_0")
+KINDS = ("f32", "f16", "bf16", "q8_0")
 
 
 class GGUFError(HFError):
@@ -82,12 +84,16 @@ def check_exportable(cfg, tokenizer, weights_only: bool = False) -> tuple[Family
     if family.model_type not in ARCHITECTURES:
         raise GGUFError(f"GGUF export covers the {', '.join(ARCHITECTURES)} families so far; this model is "
                         f"{family.model_type} (export it with --format hf instead)")
-    if cfg.rope_scaling is not None:
-        raise GGUFError("GGUF export does not write rope scaling yet; this model has "
-                        f"{cfg.rope_scaling.get('type', cfg.rope_scaling)}")
+    if (why := _unwritten_rope_scaling(cfg, ARCHITECTURES[family.model_type])) is not None:
+        raise GGUFError(f"llama.cpp would rotate this model's positions otherwise: {why}")
     if cfg.sliding_window is not None and cfg.sliding_window < cfg.context_len:
         raise GGUFError(f"llama.cpp's llama architecture has no sliding window (this model attends to "
                         f"{cfg.sliding_window} of {cfg.context_len} positions)")
+    if cfg.attention == "mla" and (cfg.attn_bias or cfg.attn_out_bias):
+        raise GGUFError("llama.cpp's deepseek2 has no attention biases; this model has them")
+    if cfg.attention == "mla" and cfg.q_lora_rank and cfg.n_layer in (26, 27):
+        raise GGUFError(f"llama.cpp takes a deepseek2 of {cfg.n_layer} layers for DeepSeek-V2-Lite, which has "
+                        "no query compression, and would not load this model's (q_lora_rank)")
     if weights_only:
         return family, None
     if tokenizer is None:
@@ -104,8 +110,28 @@ def check_exportable(cfg, tokenizer, weights_only: bool = False) -> tuple[Family
     return family, PRE_TOKENIZERS[regex]
 
 
+def _unwritten_rope_scaling(cfg, arch: Arch) -> str | None:
+    """Why llama.cpp would not scale this model's rotary positions as samovar does (None: it would).
+    It reads linear scaling; Llama 3.1's as per-frequency factors (a tensor only its llama has); yarn
+    with HF's ramp at its defaults, beta_fast 32 and beta_slow 1, and attention factors that follow
+    DeepSeek's mscale == mscale_all_dim in deepseek2 and HF's default everywhere else."""
+    s = cfg.rope_scaling
+    if s is None or s["type"] == "linear":
+        return None
+    if s["type"] == "llama3":
+        return None if arch.name == "llama" else f"its {arch.name} has no llama3 rope scaling"
+    if s.get("attention_factor") is not None or (s.get("beta_fast") or 32) != 32 or (s.get("beta_slow") or 1) != 1:
+        return "its yarn takes no attention_factor and ramps between beta_fast 32 and beta_slow 1"
+    mscale, mscale_all_dim = s.get("mscale"), s.get("mscale_all_dim")
+    if arch.name == "deepseek2" and not (mscale and mscale == mscale_all_dim):
+        return "its deepseek2 yarn needs mscale == mscale_all_dim, as DeepSeek's configs have"
+    if arch.name != "deepseek2" and (mscale or mscale_all_dim):
+        return f"its {arch.name} yarn has no mscale"
+    return None
+
+
 def export_gguf(model, tokenizer, out: str | Path, kind: str = "f32", weights_only: bool = False) -> Path:
-    """Write `model` and `tokenizer` as one GGUF file (f32, f16, or q8_0 for the matrices; norms stay
+    """Write `model` and `tokenizer` as one GGUF file (f32, f16, bf16 or q8_0 for the matrices; norms stay
     f32). weights_only: no vocabulary (what llama-bench needs, which feeds random ids)."""
     from ..checkpoint import model_state
 
@@ -122,26 +148,10 @@ def export_gguf(model, tokenizer, out: str | Path, kind: str = "f32", weights_on
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch.name)
         w.add_name(out.stem)
-        w.add_context_length(cfg.context_len)
-        w.add_embedding_length(cfg.n_embd)
-        w.add_block_count(cfg.n_layer)
-        w.add_feed_forward_length(cfg.expert_d_ff if cfg.n_expert else cfg.d_ff)
-        w.add_head_count(cfg.n_head)
-        w.add_head_count_kv(cfg.n_kv_head)
-        if arch.rope:
-            w.add_key_length(cfg.head_dim)
-            w.add_value_length(cfg.head_dim)
-            w.add_rope_dimension_count(cfg.head_dim)
-            w.add_rope_freq_base(cfg.rope_theta)
-            w.add_layer_norm_rms_eps(cfg.norm_eps)
-        else:
-            w.add_layer_norm_eps(cfg.norm_eps)
-        if cfg.n_expert:
-            w.add_expert_count(cfg.n_expert)
-            w.add_expert_used_count(cfg.n_expert_active)
+        _add_hyperparameters(w, cfg, arch)
         w.add_vocab_size(cfg.vocab_size)
         w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])
+                         "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if weights_only:
             w.add_tokenizer_model("none")
@@ -152,6 +162,8 @@ def export_gguf(model, tokenizer, out: str | Path, kind: str = "f32", weights_on
             if name is None:
                 raise GGUFError(f"llama.cpp's {arch.name} has no place for {hf_name}")
             _add_tensor(w, gguf, name, tensor, kind)
+        if cfg.rope_scaling is not None and cfg.rope_scaling["type"] == "llama3":
+            w.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", _rope_freqs(cfg).numpy())
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -159,12 +171,74 @@ def export_gguf(model, tokenizer, out: str | Path, kind: str = "f32", weights_on
     return out
 
 
+def _add_hyperparameters(w, cfg, arch: Arch) -> None:
+    """llama.cpp's keys for the model's sizes, as its converter writes them for the architecture."""
+    w.add_context_length(cfg.context_len)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_block_count(cfg.n_layer)
+    # Mixtral's experts (llama.cpp's llama) are the width it reads here; DeepSeek's have a key of their own
+    w.add_feed_forward_length(cfg.expert_d_ff if cfg.n_expert and cfg.router == "softmax" else cfg.d_ff)
+    w.add_head_count(cfg.n_head)
+    if not arch.rope:
+        w.add_head_count_kv(cfg.n_kv_head)
+        w.add_layer_norm_eps(cfg.norm_eps)
+    elif cfg.attention == "mla":
+        # llama.cpp runs latent attention as one shared head of the compressed keys and values
+        # (multi-query), then expands it per head: the sizes of both views
+        w.add_head_count_kv(1)
+        w.add_key_length(cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        w.add_value_length(cfg.kv_lora_rank)
+        w.add_key_length_mla(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+        w.add_value_length_mla(cfg.v_head_dim)
+        w.add_q_lora_rank(cfg.q_lora_rank or 0)  # 0: queries by one full projection
+        w.add_kv_lora_rank(cfg.kv_lora_rank)
+    else:
+        w.add_head_count_kv(cfg.n_kv_head)
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+    if arch.rope:
+        w.add_rope_dimension_count(cfg.rope_dim)
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+    if (s := cfg.rope_scaling) is not None and s["type"] in ("linear", "yarn"):  # llama3's: a tensor (_rope_freqs)
+        w.add_rope_scaling_type(_gguf().RopeScalingType(s["type"]))
+        w.add_rope_scaling_factor(s["factor"])
+    if s is not None and s["type"] == "yarn":
+        w.add_rope_scaling_orig_ctx_len(s["original_context_len"])
+        if s.get("mscale_all_dim"):  # llama.cpp's deepseek2 divides it by 0.1 again
+            w.add_rope_scaling_yarn_log_mul(0.1 * s["mscale_all_dim"])
+    if cfg.n_expert:
+        w.add_expert_count(cfg.n_expert)
+        w.add_expert_used_count(cfg.n_expert_active)
+    if cfg.router == "sigmoid":  # DeepSeek-V3's routing: the leading dense layers, shared experts, groups
+        gguf = _gguf()
+        w.add_leading_dense_block_count(cfg.n_dense_layers)
+        w.add_expert_feed_forward_length(cfg.expert_d_ff)
+        w.add_expert_shared_count(cfg.n_shared_expert)
+        w.add_expert_weights_scale(cfg.routed_scale)
+        w.add_expert_weights_norm(cfg.router_norm_topk)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_expert_group_count(cfg.n_expert_group)
+        w.add_expert_group_used_count(cfg.n_expert_group_active)
+
+
+def _rope_freqs(cfg) -> torch.Tensor:
+    """Llama 3.1's rope scaling as llama.cpp's llama applies it: each frequency divided by a factor."""
+    from ..layers import rope_frequencies
+
+    plain, _ = rope_frequencies(cfg.rope_dim, cfg.rope_theta)
+    scaled, _ = rope_frequencies(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
+    return plain / scaled
+
+
 EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)\.weight$")
 
 
 def _llamacpp_layout(state: dict[str, torch.Tensor], cfg, arch: Arch) -> dict[str, torch.Tensor]:
     """An HF state dict laid out as llama.cpp's converter lays it out (names still HF's): q and k rows in
-    pairs, Gemma's norms as 1 + weight, GPT-2's matrices (out, in), each layer's experts stacked."""
+    pairs, Gemma's norms as 1 + weight, GPT-2's matrices (out, in), each layer's experts stacked, and
+    latent attention's key-value expansion split into its key part (transposed: llama.cpp multiplies
+    the queries by it, "absorbed") and its value part."""
     out, experts = {}, {}
     for name, t in state.items():
         if arch.pairs and name.endswith(("q_proj.weight", "k_proj.weight")):  # halves -> pairs
@@ -177,14 +251,20 @@ def _llamacpp_layout(state: dict[str, torch.Tensor], cfg, arch: Arch) -> dict[st
         if m := EXPERT.match(name):
             experts.setdefault(f"{m[1]}.{m[3]}.weight", {})[int(m[2])] = t
             continue
-        out[name] = t
+        if name.endswith("kv_b_proj.weight"):
+            k, v = t.view(cfg.n_head, -1, cfg.kv_lora_rank).split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
+            out[name.replace("kv_b_proj", "k_b_proj")] = k.transpose(1, 2).contiguous()
+            out[name.replace("kv_b_proj", "v_b_proj")] = v.contiguous()
+            continue
+        out[name.replace("e_score_correction_bias", "e_score_correction.bias")] = t  # as gguf's map spells it
     for name, by_index in experts.items():
         out[name] = torch.stack([by_index[e] for e in sorted(by_index)])
     return out
 
 
 def _hf_layout(state: dict[str, torch.Tensor], cfg, arch: Arch) -> dict[str, torch.Tensor]:
-    """The inverse of _llamacpp_layout: an HF state dict as HF's own files hold it."""
+    """The inverse of _llamacpp_layout: an HF state dict as HF's own files hold it (a file may also
+    hold latent attention's expansion whole, as llama.cpp's converter wrote it before 2025)."""
     out = {}
     for name, t in state.items():
         if arch.pairs and name.endswith(("q_proj.weight", "k_proj.weight")):  # pairs -> halves
@@ -194,21 +274,28 @@ def _hf_layout(state: dict[str, torch.Tensor], cfg, arch: Arch) -> dict[str, tor
             t = t - 1
         if arch.conv1d and t.dim() == 2 and ".h." in name:
             t = t.t().contiguous()
+        if name.endswith("v_b_proj.weight"):
+            continue  # joined with its key part
+        if name.endswith("k_b_proj.weight"):
+            v = state[name.replace("k_b_proj", "v_b_proj")]
+            out[name.replace("k_b_proj", "kv_b_proj")] = torch.cat([t.transpose(1, 2), v], dim=1).flatten(0, 1)
+            continue
         if t.dim() == 3:  # a layer's experts, stacked
             base, w = name.removesuffix(".weight").rsplit(".", 1)
             out.update({f"{base}.{e}.{w}.weight": t[e] for e in range(t.size(0))})
             continue
-        out[name] = t
+        out[name.replace("e_score_correction.bias", "e_score_correction_bias")] = t
     return out
 
 
 def _hf_config(field, arch: str, tensors: dict, path: Path) -> dict:
     """The HF config.json of a GGUF file's model, from llama.cpp's keys."""
     experts = field(f"{arch}.expert_count", 0)
-    kind = {"llama": "mixtral" if experts else "llama", "qwen3": "qwen3", "gemma": "gemma", "gpt2": "gpt2"}.get(arch)
+    kind = {"llama": "mixtral" if experts else "llama", "qwen3": "qwen3", "gemma": "gemma", "gpt2": "gpt2",
+            "deepseek2": "deepseek_v3"}.get(arch)
     if kind is None:
-        raise GGUFError(f"{path}: samovar reads GGUF files of the llama, qwen3, gemma and gpt2 architectures, "
-                        f"not {arch}")
+        raise GGUFError(f"{path}: samovar reads GGUF files of the llama, qwen3, gemma, gpt2 and deepseek2 "
+                        f"architectures, not {arch}")
     heads, hidden = field(f"{arch}.attention.head_count"), field(f"{arch}.embedding_length")
     common = {"model_type": kind, "vocab_size": int(tensors["token_embd.weight"].shape[1]),
               "tie_word_embeddings": "output.weight" not in tensors}
@@ -225,9 +312,42 @@ def _hf_config(field, arch: str, tensors: dict, path: Path) -> dict:
           "rms_norm_eps": field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
           "rope_theta": field(f"{arch}.rope.freq_base", 10000.0),
           "hidden_act": "gelu_pytorch_tanh" if kind == "gemma" else "silu"}
-    if experts:
+    scaling = field(f"{arch}.rope.scaling.type", "none")
+    if scaling not in ("none", "linear", "yarn"):
+        raise GGUFError(f"{path}: {scaling} rope scaling is not read yet")
+    if scaling != "none":
+        hf["rope_scaling"] = {"rope_type": scaling, "factor": field(f"{arch}.rope.scaling.factor")}
+    if scaling == "yarn":
+        hf["rope_scaling"]["original_max_position_embeddings"] = field(f"{arch}.rope.scaling.original_context_length")
+        if log_mul := field(f"{arch}.rope.scaling.yarn_log_multiplier"):  # DeepSeek's: mscale == mscale_all_dim
+            mscale = round(log_mul / 0.1, 6)  # (stored as float32)
+            hf["rope_scaling"].update(mscale=mscale, mscale_all_dim=mscale)
+    if kind == "deepseek_v3":
+        hf.update(_deepseek_config(field, heads))
+    elif experts:
         hf.update(num_local_experts=experts, num_experts_per_tok=field(f"{arch}.expert_used_count"))
     return hf
+
+
+def _deepseek_config(field, heads: int) -> dict:
+    """DeepSeek-V3's HF fields from a deepseek2 file (files written before 2025 lack the _mla sizes:
+    there key_length and value_length are the per-head ones)."""
+    gguf = _gguf()
+    rope = field("deepseek2.rope.dimension_count")
+    key = field("deepseek2.attention.key_length_mla", field("deepseek2.attention.key_length"))
+    gating = field("deepseek2.expert_gating_func", int(gguf.ExpertGatingFuncType.SOFTMAX))  # llama.cpp's default
+    return {"num_key_value_heads": heads, "head_dim": rope, "qk_rope_head_dim": rope, "qk_nope_head_dim": key - rope,
+            "v_head_dim": field("deepseek2.attention.value_length_mla", field("deepseek2.attention.value_length")),
+            "q_lora_rank": field("deepseek2.attention.q_lora_rank", 0) or None,
+            "kv_lora_rank": field("deepseek2.attention.kv_lora_rank"),
+            "n_routed_experts": field("deepseek2.expert_count"), "num_experts_per_tok": field("deepseek2.expert_used_count"),
+            "n_shared_experts": field("deepseek2.expert_shared_count", 0),
+            "moe_intermediate_size": field("deepseek2.expert_feed_forward_length"),
+            "first_k_dense_replace": field("deepseek2.leading_dense_block_count", 0),
+            "norm_topk_prob": field("deepseek2.expert_weights_norm", False),
+            "routed_scaling_factor": field("deepseek2.expert_weights_scale", 1.0),
+            "n_group": field("deepseek2.expert_group_count", 1), "topk_group": field("deepseek2.expert_group_used_count", 1),
+            "scoring_func": "sigmoid" if gating == gguf.ExpertGatingFuncType.SIGMOID else "softmax"}
 
 
 def _tensor_names(gguf, arch: str, n_layer: int):
@@ -240,6 +360,9 @@ def _add_tensor(w, gguf, name: str, tensor: torch.Tensor, kind: str) -> None:
     data = tensor.contiguous().numpy()
     if data.ndim == 1 or kind == "f32":  # norms and biases stay float32, as llama.cpp's converter keeps them
         w.add_tensor(name, data)
+    elif kind == "bf16":
+        w.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16),
+                     raw_dtype=gguf.GGMLQuantizationType.BF16)
     elif kind == "q8_0" and data.shape[-1] % 32 == 0:
         w.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
                      raw_dtype=gguf.GGMLQuantizationType.Q8_0)
@@ -328,16 +451,16 @@ def import_gguf(path: str | Path):
         return reader.fields[key].contents() if key in reader.fields else default
 
     arch = field("general.architecture")
-    if field(f"{arch}.rope.scaling.type", "none") not in ("none", None):
-        raise GGUFError(f"{path}: rope scaling ({field(f'{arch}.rope.scaling.type')}) is not read yet")
     tensors = {t.name: t for t in reader.tensors}
+    if "rope_freqs.weight" in tensors:
+        raise GGUFError(f"{path}: per-frequency rope factors (Llama 3.1's rope scaling) are not read yet")
     cfg, family = config_from_hf(_hf_config(field, arch, tensors, path))
     names = _tensor_names(gguf, arch, cfg.n_layer)
-    hf_name = {}  # llama.cpp's name -> HF's (each layer's experts: one stacked tensor)
-    for h in _expand(family.names, cfg).values():
-        h = h.split("#")[0]  # GPT-2's q, k, v share c_attn
-        h = f"{m[1]}.{m[3]}.weight" if (m := EXPERT.match(h)) else h
-        hf_name[names.get_name(h, try_suffixes=(".weight", ".bias"))] = h
+    layout = ARCHITECTURES[family.model_type]
+    with torch.device("meta"):  # the HF names of this config's tensors, before and after llama.cpp's layout
+        hf_state = state_to_hf(Transformer(cfg).state_dict(), cfg, family)
+    hf_name = {names.get_name(h, try_suffixes=(".weight", ".bias")): h  # llama.cpp's name -> HF's
+               for h in [*hf_state, *_llamacpp_layout(hf_state, cfg, layout)]}
     hf_state = {}
     for name, t in tensors.items():
         if name not in hf_name:
@@ -345,7 +468,7 @@ def import_gguf(path: str | Path):
         shape = [int(d) for d in reversed(t.shape)]
         data = gguf.quants.dequantize(t.data, t.tensor_type)
         hf_state[hf_name[name]] = torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))  # a copy
-    hf_state = _hf_layout(hf_state, cfg, ARCHITECTURES[family.model_type])
+    hf_state = _hf_layout(hf_state, cfg, layout)
     model = Transformer(cfg)
     try:
         load_state_into(model, state_from_hf(hf_state, cfg, family), str(path))
