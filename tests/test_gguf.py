@@ -224,8 +224,6 @@ def test_what_cannot_be_exported_is_refused_in_one_line(tmp_path, tokenizer):
                                                                      "original_context_len": 16}), tokenizer, tmp_path / "x.gguf")
     with pytest.raises(GGUFError, match="DeepSeek-V2-Lite, which has no query compression"):
         export_gguf(model_of("deepseek-v3-tiny", tokenizer, n_layer=27), tokenizer, tmp_path / "x.gguf")
-    with pytest.raises(GGUFError, match="no sliding window"):
-        export_gguf(model_of("mistral-tiny", tokenizer, sliding_window=16), tokenizer, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
     save_checkpoint(tmp_path / "word-run", model_of("llama-tiny", word), word)
     r = run_cli("export", tmp_path / "word-run", "--format", "gguf", "--out", tmp_path / "x.gguf")
@@ -233,6 +231,17 @@ def test_what_cannot_be_exported_is_refused_in_one_line(tmp_path, tokenizer):
     save_checkpoint(tmp_path / "run", model_of("qwen3-tiny", tokenizer), tokenizer)
     r = run_cli("export", tmp_path / "run", "--format", "gguf", "--type", "f16", "--out", tmp_path / "m.gguf")
     assert r.returncode == 0 and "f16 GGUF" in r.stdout and (tmp_path / "m.gguf").exists()
+    assert "sliding window" not in r.stdout
+
+
+def test_a_sliding_window_model_declares_its_window_as_its_context(tmp_path, tokenizer):
+    """llama.cpp's llama attends to every position: the file's context is the window, within which the
+    two agree (make test-llamacpp checks that in llama.cpp)."""
+    save_checkpoint(tmp_path / "run", model_of("mistral-tiny", tokenizer, sliding_window=16), tokenizer)
+    r = run_cli("export", tmp_path / "run", "--format", "gguf", "--out", tmp_path / "m.gguf")
+    assert r.returncode == 0 and "declares a context of 16 positions" in r.stdout, r.stderr
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert reader.fields["llama.context_length"].contents() == 16
 
 
 # ---- llama.cpp itself (make test-llamacpp builds it from the llama-cpp-python sdist and runs these) ----------
@@ -385,6 +394,25 @@ def test_llamacpp_cli_answers_as_samovar_chat_does(llamacpp, trained):
     answer = r.stdout.split(f"> {question}\n", 1)[1].rsplit("\n[ Prompt:", 1)[0].strip()
     ours = ours.rstrip("\ufffd").strip()  # llama-cli holds back a last character whose bytes are not all out
     assert ours and answer == ours
+
+
+@pytest.mark.llamacpp
+def test_llamacpp_runs_a_sliding_window_model_as_samovar_within_the_window(llamacpp, tokenizer, tmp_path):
+    from conftest import memorize
+    from samovar.engine import Engine, SamplingParams
+
+    torch.manual_seed(0)
+    cfg = get_preset("mistral-tiny").replace(vocab_size=tokenizer.vocab_size, context_len=160, sliding_window=48)
+    model = memorize(Transformer(cfg), tokenizer.encode(CORPUS), steps=150)
+    ids = tokenizer.encode(CORPUS)
+    prompts = [ids[i * 13:i * 13 + 8 + i] for i in range(20)]
+    params = SamplingParams(max_tokens=48 - 8 - 19, temperature=0, ignore_eos=True)
+    ours = [list(Engine(model).generate(p, params)) for p in prompts]
+    server = LlamaServer(llamacpp, export_gguf(model, tokenizer, tmp_path / "window.gguf"), context=48)
+    try:
+        assert [server.greedy(p, params.max_tokens) for p in prompts] == ours
+    finally:
+        server.stop()
 
 
 YARN = {"type": "yarn", "factor": 4.0, "original_context_len": 32}

@@ -451,10 +451,13 @@ def cmd_export(args) -> None:
     if adapted(model):
         return export_lora(args, model, tokenizer)
     if args.format == "gguf":
-        from .interop.gguf import export_gguf
+        from .interop.gguf import export_gguf, llamacpp_context
 
         export_gguf(model, tokenizer, args.out, args.type)
         print(f"exported {args.run} as a {args.type} GGUF file -> {args.out}")
+        if (context := llamacpp_context(model.config)) < model.config.context_len:
+            print(f"note: llama.cpp has no sliding window for this model, so the file declares a context of "
+                  f"{context} positions, its window, where llama.cpp computes what samovar does")
         return
     export_hf(model, tokenizer, args.out)
     model_type = json.loads((Path(args.out) / "config.json").read_text())["model_type"]

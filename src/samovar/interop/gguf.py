@@ -86,9 +86,6 @@ def check_exportable(cfg, tokenizer, weights_only: bool = False) -> tuple[Family
                         f"{family.model_type} (export it with --format hf instead)")
     if (why := _unwritten_rope_scaling(cfg, ARCHITECTURES[family.model_type])) is not None:
         raise GGUFError(f"llama.cpp would rotate this model's positions otherwise: {why}")
-    if cfg.sliding_window is not None and cfg.sliding_window < cfg.context_len:
-        raise GGUFError(f"llama.cpp's llama architecture has no sliding window (this model attends to "
-                        f"{cfg.sliding_window} of {cfg.context_len} positions)")
     if cfg.attention == "mla" and (cfg.attn_bias or cfg.attn_out_bias):
         raise GGUFError("llama.cpp's deepseek2 has no attention biases; this model has them")
     if cfg.attention == "mla" and cfg.q_lora_rank and cfg.n_layer in (26, 27):
@@ -128,6 +125,13 @@ def _unwritten_rope_scaling(cfg, arch: Arch) -> str | None:
     if arch.name != "deepseek2" and (mscale or mscale_all_dim):
         return f"its {arch.name} yarn has no mscale"
     return None
+
+
+def llamacpp_context(cfg) -> int:
+    """The context a GGUF file declares: the model's, or its sliding window when that is shorter.
+    llama.cpp's llama attends to every position (its converter writes Mistral so too), so llama.cpp
+    and samovar agree within the window; the file says that much."""
+    return min(cfg.context_len, cfg.sliding_window or cfg.context_len)
 
 
 def export_gguf(model, tokenizer, out: str | Path, kind: str = "f32", weights_only: bool = False) -> Path:
@@ -173,7 +177,7 @@ def export_gguf(model, tokenizer, out: str | Path, kind: str = "f32", weights_on
 
 def _add_hyperparameters(w, cfg, arch: Arch) -> None:
     """llama.cpp's keys for the model's sizes, as its converter writes them for the architecture."""
-    w.add_context_length(cfg.context_len)
+    w.add_context_length(llamacpp_context(cfg))
     w.add_embedding_length(cfg.n_embd)
     w.add_block_count(cfg.n_layer)
     # Mixtral's experts (llama.cpp's llama) are the width it reads here; DeepSeek's have a key of their own
