@@ -39,6 +39,27 @@ def test_cached_and_uncached_greedy_agree(preset):
     assert len(cached) == 40 and cached == uncached
 
 
+
+def test_packed_weights_give_every_row_the_same_result_whatever_the_batch():
+    """Linear.pack(): oneDNN's blocked copy of the weight, for servers. A row's product is the same
+    bits in a batch of 1, 2 or 16 rows (the plain weight's product of one row differs in the last
+    bits from that of two), equal to the plain weight's for a batch, and close for one row; training
+    (gradients) still reads the weight."""
+    from samovar.layers import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(96, 200)
+    x = torch.randn(16, 96)
+    with torch.no_grad():
+        plain = layer(x)
+        assert layer.pack() == 200 * 96 * 4
+        packed = [layer(x[:n]) for n in (1, 2, 16)]
+    assert all(torch.equal(p, packed[-1][:len(p)]) for p in packed)
+    assert torch.equal(packed[-1], plain) and torch.allclose(packed[0], plain[:1], atol=1e-5)
+    layer.weight.data.mul_(2)  # with gradients: the weight itself
+    assert torch.allclose(layer(x), 2 * (plain - layer.bias) + layer.bias, atol=1e-4)
+
+
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "mistral-tiny"])
 def test_the_compiled_step_agrees(preset):
     """torch.compile'd one-token step (one graph: the attended length is dynamic), also across the

@@ -50,6 +50,7 @@ def test_the_server_compiles_its_decoding_step_at_start_up_by_default(server):
     out = server.output()
     assert "samovar: compiling the decoding step" in out and "samovar: compiled in" in out
     assert out.index("samovar: compiled in") < out.index("serving ")
+    assert "samovar: the weights laid out for batches of rows too (+" in out  # --slots > 1
 
 
 def test_chat_equals_llm_chat_with_exact_usage(client, llm):

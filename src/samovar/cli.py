@@ -542,11 +542,16 @@ def compiling():
 
 def decoding_scheduler(args, llm, **options):
     """The Scheduler that serve and telegram decode through, compiled unless --no-compile (warmed up
-    here), its loop left to the main thread: Scheduler.run_beside."""
+    here), its loop left to the main thread: Scheduler.run_beside. With more than one slot, the
+    weights get a copy laid out for batches of rows (layers.Linear.pack)."""
+    from .layers import pack_linears
     from .serve.scheduler import Scheduler
 
     compile = compiles(args, llm.model)
     scheduler = Scheduler(llm.model, vocab_limit=llm.tokenizer.vocab_size, compile=compile, thread=False, **options)
+    if scheduler.slots > 1 and (copy := pack_linears(llm.model)):
+        print(f"samovar: the weights laid out for batches of rows too (+{copy / 2**20:.0f} MiB; --slots 1 "
+              "goes without)", file=sys.stderr, flush=True)
     if compile:
         with compiling():
             scheduler.warm_up()

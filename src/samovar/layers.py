@@ -32,12 +32,24 @@ class Linear(nn.Linear):
     take oneDNN.
     """
 
+    packed: torch.Tensor | None = None  # the weight in oneDNN's blocked layout, when pack() made it
+
     def forward(self, x):
         if not _onednn_suits(x, self.weight):
             return F.linear(x, self.weight, self.bias)
+        weight = self.weight if self.packed is None else self.packed
         if torch.compiler.is_compiling():  # an opaque call in the graph (inductor's lowering wants frozen weights)
-            return onednn_linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            return onednn_linear(x, weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
+
+    def pack(self) -> int:
+        """Keep a copy of the weight in oneDNN's blocked layout for inference, beside the weight (which
+        one-row compiled steps, training and saving still read); returns its bytes. Batches of rows
+        multiply with it 1.4-2x faster on our EPYC (a step of 2-16 rows), one row as fast, and a
+        row's result no longer depends on how many rows are in the batch. Call it once the weights
+        are final: a later change to the weight is not seen by the copy."""
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 16)  # laid out for ~16 rows
+        return self.weight.numel() * self.weight.element_size()
 
 
 _ONEDNN = torch.backends.mkldnn.is_available()
@@ -51,6 +63,15 @@ def _onednn_suits(x, weight) -> bool:
     if torch.compiler.is_compiling() and max(weight.shape) <= 2048 and x.shape[:-1].numel() == 1:
         return False  # one row: inductor's decompose_mm_pass writes its own kernel for these
     return True
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Linear.pack() every Linear that runs through oneDNN (on the CPU, float32 or bfloat16), for a
+    process that only decodes, many rows at a time (a server); returns the bytes the copies take."""
+    if not _ONEDNN:
+        return 0
+    return sum(m.pack() for m in model.modules() if isinstance(m, Linear) and m.weight.is_cpu
+               and m.weight.dtype in (torch.float32, torch.bfloat16))
 
 
 @torch.library.custom_op("samovar::onednn_linear", mutates_args=())

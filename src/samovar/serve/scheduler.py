@@ -77,14 +77,6 @@ class Sequence:
         """Stop generating (the reader went away): the scheduler frees the row at its next step."""
         self.cancelled = True
 
-    def _put(self, item) -> None:  # from the scheduler's thread: a Token, an exception, or None (the end)
-        if self._loop is None:
-            self._events.put(item)
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, item)
-        except RuntimeError:  # the reader's event loop is closed: nobody is reading
-            self.cancelled = True
 
     def __iter__(self):
         try:
@@ -107,7 +99,8 @@ class Sequence:
     async def next_event(self, timeout: float | None = None):
         """The next Token, None at the end, or TimeoutError after `timeout` seconds (async readers
         that send keep-alives while they wait)."""
-        item = await asyncio.wait_for(self._events.get(), timeout)
+        async with asyncio.timeout(timeout):  # (lighter than wait_for, which wraps the wait in a task)
+            item = await self._events.get()
         if isinstance(item, Exception):
             raise item
         return item
@@ -141,6 +134,7 @@ class Scheduler:
         self.kept: collections.OrderedDict = collections.OrderedDict()  # session -> (ids, keys, values)
         self.keep_sessions = keep_sessions
         self.steps = 0
+        self._outbox: list[tuple[Sequence, object]] = []  # what this step hands to readers (_send, _flush)
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self.run, name="samovar-scheduler", daemon=True) if thread else None
@@ -208,13 +202,15 @@ class Scheduler:
                         self._step()
                 except Exception as error:  # the model failed: every active sequence gets it, none hangs
                     for seq in [*self.decoding, *([self.prefilling] if self.prefilling else [])]:
-                        seq._put(error)
+                        self._send(seq, error)
                     self.decoding, self.prefilling = [], None
+                self._flush()
         finally:
             with self._wake:
                 self._closed = True
             for seq in [*self.waiting, *self.decoding, *([self.prefilling] if self.prefilling else [])]:
-                seq._put(GenerationError("the server is shutting down"))
+                self._send(seq, GenerationError("the server is shutting down"))
+            self._flush()
 
     def run_beside(self, front, stop) -> None:
         """Run front() (an HTTP server, a bot) in a thread and the loop in this one, until Ctrl-C,
@@ -309,7 +305,7 @@ class Scheduler:
         if token in seq.stop_ids:
             self._retire(seq, "stop")
             return
-        seq._put(_scored(logits, token, seq.logprobs) if seq.logprobs is not None else Token(token))
+        self._send(seq, _scored(logits, token, seq.logprobs) if seq.logprobs is not None else Token(token))
         seq.tokens.append(token)
         seq.last = token
         if seq.penalties is not None:
@@ -333,7 +329,35 @@ class Scheduler:
             last.row = seq.row
             self.decoding[i] = last
         seq.finish_reason = reason
-        seq._put(None)
+        self._send(seq, None)
+
+    # ---- handing tokens to the readers ------------------------------------------------------------
+    def _send(self, seq: Sequence, item) -> None:
+        """A Token, an exception, or None (the end) for the sequence's reader, handed over at _flush."""
+        self._outbox.append((seq, item))
+
+    def _flush(self) -> None:
+        """Hand over what this step made: to threads' readers at once, and to each event loop's in one
+        call, which wakes the loop once a step rather than once a token (a write to its wake-up pipe
+        each: a tenth of the loop's time with 16 readers)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for seq, item in self._outbox:
+            if seq._loop is None:
+                seq._events.put(item)
+            else:
+                by_loop.setdefault(seq._loop, []).append((seq, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the readers' event loop is closed: nobody is reading
+                for seq, _ in items:
+                    seq.cancelled = True
+
+
+def _deliver(items) -> None:  # in the readers' event loop
+    for seq, item in items:
+        seq._events.put_nowait(item)
 
 
 def _scored(logits, token: int, top: int) -> Token:

@@ -124,6 +124,24 @@ def error_response(status: int, message: str, param=None, code=None, headers=Non
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+class KeyCheck:
+    """Every /v1 route answers 401 without `Authorization: Bearer KEY` (compared in constant time).
+    A plain ASGI middleware: what passes goes through untouched (FastAPI's @app.middleware would carry
+    every streamed chunk through a memory stream of its own)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = error_response(401, "invalid or missing API key: send Authorization: Bearer KEY",
+                                          code="invalid_api_key")
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
@@ -167,14 +185,8 @@ def create_app(llm: LLM, scheduler: Scheduler | None = None, model_name: str = "
     async def _http_error(request, e: HTTPException):  # unknown paths and methods, in OpenAI's shape
         return error_response(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
 
-    @app.middleware("http")
-    async def _check_key(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error_response(401, "invalid or missing API key: send Authorization: Bearer KEY",
-                                      code="invalid_api_key")
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(KeyCheck, key=api_key)
 
     async def body_of(request: Request, model: type[BaseModel]):
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
