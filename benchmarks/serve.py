@@ -13,13 +13,15 @@ the same run, and the ratios the serving issue sets targets on: one client again
     .venv/bin/python benchmarks/serve.py [--clients 1,4,16] [--requests 32] [--new-tokens 128]
 
     .venv/bin/python benchmarks/serve.py --llama-server .cache/llama.cpp-0.3.36/build/bin/llama-server
-(`make test-llamacpp` builds llama.cpp from the llama-cpp-python sdist.)
+(`make test-llamacpp` builds llama.cpp from the llama-cpp-python sdist.) Both servers run at once and
+are loaded in turn at each concurrency, so that a drift of the machine's speed touches both alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -160,7 +162,7 @@ def main() -> None:
             # llama.cpp's options: never stop early (the file has no end token anyway), and prefill every
             # prompt as samovar does (llama-server would reuse the keys and values of the identical prompts)
             body.update(ignore_eos=True, cache_prompt=False)
-        results = {name: run_server(command, body, levels, args.requests) for name, command in servers.items()}
+        results = run_servers(servers, body, levels, args.requests)
     print(f"{n_params / 1e6:.1f}M parameters, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, "
           f"greedy, fp32, {torch.get_num_threads()} threads")
     print(f"samovar generate (batch 1): {generate_rate:.1f} tok/s")
@@ -181,8 +183,26 @@ def main() -> None:
             print(f"{c} clients: samovar at {by[c] / theirs[c]:.0%} of llama-server's aggregate tokens/s")
 
 
-def run_server(command: list[str], body: dict, levels: list[int], requests: int) -> list[dict]:
-    """Start a server (the command, its port appended), load it at each concurrency, stop it."""
+def run_servers(servers: dict[str, list[str]], body: dict, levels: list[int], requests: int) -> dict:
+    """Start every server (each command with its port appended), then load them in turn at each
+    concurrency, interleaved (this machine's speed drifts over a run), and stop them."""
+    with contextlib.ExitStack() as stack:
+        urls = {name: stack.enter_context(started(command)) for name, command in servers.items()}
+        for url in urls.values():
+            asyncio.run(load(url + "/v1/completions", 1, 2, body))  # warm up
+        results = {name: [] for name in servers}
+        for c in levels:
+            for name, url in urls.items():
+                try:
+                    results[name].append(asyncio.run(load(url + "/v1/completions", c, max(requests, c), body)))
+                except httpx.HTTPError as e:
+                    sys.exit(f"{name} failed under load: {e}")
+        return results
+
+
+@contextlib.contextmanager
+def started(command: list[str]):
+    """A server on a free port of 127.0.0.1, healthy; its URL. Stopped on leaving."""
     port = free_port()
     log = tempfile.TemporaryFile("w+")
     server = subprocess.Popen([*command, str(port)], stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
@@ -196,13 +216,10 @@ def run_server(command: list[str], body: dict, levels: list[int], requests: int)
             except httpx.HTTPError:
                 pass
             if server.poll() is not None or time.time() > deadline:
-                sys.exit(f"{command[0]} did not start")
+                log.seek(0)
+                sys.exit(f"{command[0]} did not start; its output ends:\n{log.read()[-3000:]}")
             time.sleep(0.2)
-        asyncio.run(load(url + "/v1/completions", 1, 2, body))  # warm up
-        return [asyncio.run(load(url + "/v1/completions", c, max(requests, c), body)) for c in levels]
-    except httpx.HTTPError:
-        log.seek(0)
-        sys.exit(f"{command[0]} failed under load; its output ends:\n{log.read()[-3000:]}")
+        yield url
     finally:
         server.terminate()
         server.wait(timeout=30)
