@@ -74,6 +74,34 @@ def test_the_loop_runs_in_the_callers_thread_when_asked():
     assert got == list(Engine(model).generate([1, 2, 3], params))
 
 
+@pytest.mark.parametrize("preset", ["llama-tiny", "mistral-tiny"])
+def test_short_prompts_that_arrive_together_are_prefilled_in_one_pass(preset):
+    """Eight prompts of 1 to 15 tokens waiting at once fit one chunk: one step prefills them all
+    (each padded to the longest) and each gets its first token, then one step a token for all;
+    a longer prompt behind them starts its own chunks. Every sequence gets its tokens alone."""
+    import threading
+
+    torch.manual_seed(5)
+    model = Transformer(get_preset(preset).replace(context_len=64)).eval()
+    prompts = [[(3 * i + j) % 200 + 3 for j in range(1 + 2 * i)] for i in range(8)] + [list(range(3, 43))]
+    params = SamplingParams(max_tokens=6, temperature=0)
+    alone = [list(Engine(model).generate(p, params)) for p in prompts]
+    scheduler = Scheduler(model, slots=9, prefill_chunk=64, thread=False)
+    seqs = [scheduler.submit(p, params) for p in prompts]  # all waiting before the loop starts
+    got = []
+
+    def client():
+        got.extend([t.id for t in seq] for seq in seqs)
+        scheduler.close()
+
+    threading.Thread(target=client).start()
+    scheduler.run()
+    assert got == alone
+    # step 1: the eight short prompts at once; the 40-token one does not fit beside them: step 2, with
+    # the first decoding step; then 5 more steps of decoding for it
+    assert scheduler.steps == 7
+
+
 def test_a_cancelled_sequence_frees_its_row_within_a_step():
     torch.manual_seed(2)
     model = Transformer(get_preset("llama-tiny").replace(context_len=2048)).eval()

@@ -6,8 +6,10 @@ One thread runs the loop. Each step it
   1. drops what was cancelled and gives the rows of finished sequences back,
   2. decodes one token for every decoding sequence, in one forward pass over rows [0, A),
   3. prefills one chunk of the prompt of the sequence being admitted (in row A or past it), which
-     joins the decoders once its whole prompt is in.
-The decoders stall for at most one chunk when a request arrives, and a finished or cancelled
+     joins the decoders once its whole prompt is in; or, when the requests waiting behind it have
+     prompts that fit in the same chunk together, all of them at once, in one pass over as many
+     rows (the shorter prompts padded at their ends, where nothing reads).
+The decoders stall for at most one chunk when requests arrive, and a finished or cancelled
 sequence frees its row within one step. Decoding sequences always hold rows 0..A-1: one that
 finishes gives its row to the last of them, so a step's forward pass reads one contiguous view.
 
@@ -129,7 +131,7 @@ class Scheduler:
         p = model.tok_emb.weight
         self.cache = SlotCache(model.config, slots, self.context_len, p.device, p.dtype)
         self.waiting: collections.deque[Sequence] = collections.deque()
-        self.prefilling: Sequence | None = None
+        self.prefilling: list[Sequence] = []  # in rows A, A + 1, ...: one long prompt, or short ones
         self.decoding: list[Sequence] = []  # decoding[i] holds row i
         self.kept: collections.OrderedDict = collections.OrderedDict()  # session -> (ids, keys, values)
         self.keep_sessions = keep_sessions
@@ -163,7 +165,7 @@ class Scheduler:
     @property
     def active(self) -> int:
         """How many sequences hold a row (decoding or being prefilled)."""
-        return len(self.decoding) + (self.prefilling is not None)
+        return len(self.decoding) + len(self.prefilling)
 
     def close(self) -> None:
         with self._wake:
@@ -195,20 +197,20 @@ class Scheduler:
                         self._wake.wait()
                     if self._closed:
                         break
-                    if self.prefilling is None and self.waiting and len(self.decoding) < self.slots:
-                        self._admit(self.waiting.popleft())
+                    if not self.prefilling and self.waiting and len(self.decoding) < self.slots:
+                        self._admit_group()
                 try:
                     with torch.inference_mode():
                         self._step()
                 except Exception as error:  # the model failed: every active sequence gets it, none hangs
-                    for seq in [*self.decoding, *([self.prefilling] if self.prefilling else [])]:
+                    for seq in [*self.decoding, *self.prefilling]:
                         self._send(seq, error)
-                    self.decoding, self.prefilling = [], None
+                    self.decoding, self.prefilling = [], []
                 self._flush()
         finally:
             with self._wake:
                 self._closed = True
-            for seq in [*self.waiting, *self.decoding, *([self.prefilling] if self.prefilling else [])]:
+            for seq in [*self.waiting, *self.decoding, *self.prefilling]:
                 self._send(seq, GenerationError("the server is shutting down"))
             self._flush()
 
@@ -244,18 +246,37 @@ class Scheduler:
     def _step(self) -> None:
         for seq in [s for s in self.decoding if s.cancelled]:
             self._retire(seq, None)
-        if self.prefilling is not None and self.prefilling.cancelled:
-            self.prefilling = None
+        if any(seq.cancelled for seq in self.prefilling):
+            self.prefilling = [seq for seq in self.prefilling if not seq.cancelled]
+            for row, seq in enumerate(self.prefilling, start=len(self.decoding)):  # rows A, A + 1, ... again
+                if seq.row != row:
+                    self.cache.move(seq.row, row)
+                    seq.row = row
         if self.decoding:
             self._decode()
-        if self.prefilling is not None:
+        if self.prefilling:
             self._prefill()
         self.steps += 1
 
+    def _admit_group(self) -> None:
+        """The next waiting sequence, and behind it those whose prompts fit in one chunk with it (a
+        session's continuation, which reuses kept keys and values, goes alone)."""
+        room, tokens = self.slots - len(self.decoding), 0
+        while self.waiting and len(self.prefilling) < room:
+            seq = self.waiting[0]
+            if seq.cancelled:
+                self.waiting.popleft()
+                continue
+            alone = seq.session in self.kept and not seq.echo
+            if self.prefilling and (alone or tokens + len(seq.prompt) > self.prefill_chunk):
+                break
+            self._admit(self.waiting.popleft())
+            tokens += len(seq.prompt) - seq.prefilled
+            if seq.prefilled or tokens > self.prefill_chunk:  # reused a prefix, or takes chunks: alone
+                break
+
     def _admit(self, seq: Sequence) -> None:
-        if seq.cancelled:
-            return
-        seq.row = len(self.decoding)
+        seq.row = len(self.decoding) + len(self.prefilling)
         self.cache.clear(seq.row)
         if seq.session in self.kept and not seq.echo:
             ids, keys, values = self.kept.pop(seq.session)
@@ -263,33 +284,40 @@ class Scheduler:
             if n:
                 self.cache.load(seq.row, keys, values, n)
                 seq.prefilled = seq.reused = n
-        self.prefilling = seq
+        self.prefilling.append(seq)
 
     def _prefill(self) -> None:
-        seq = self.prefilling
-        chunk = seq.prompt[seq.prefilled:seq.prefilled + self.prefill_chunk]
-        logits = mask_padding(self.model(torch.tensor([chunk], device=self.cache.lengths.device),
-                                         kv_cache=self.cache.rows(seq.row, seq.row + 1, len(chunk))),
-                              self.vocab_limit)[0]  # (T, V)
-        if seq.echo:
-            for t, target in enumerate(seq.prompt[seq.prefilled + 1:seq.prefilled + len(chunk) + 1]):
-                seq.prompt_logprobs.append(_scored(logits[t:t + 1], target, seq.logprobs or 0))
-        seq.prefilled += len(chunk)
-        if seq.prefilled < len(seq.prompt):
-            return
-        self.prefilling = None
-        row = len(self.decoding)  # the end of the decoding rows, which may have shrunk meanwhile
-        if seq.row != row:
-            self.cache.move(seq.row, row)
-            seq.row = row
-        self.decoding.append(seq)
-        seq.generator = seeded_generator(seq.params, logits.device)
-        if seq.params.penalized:
-            seq.penalties = Penalties(seq.prompt, logits.size(-1), logits.device)
-        if seq.params.max_tokens == 0:
-            self._retire(seq, "length")
-            return
-        self._emit(seq, logits[-1:])
+        """One chunk of the prompts being prefilled, in one pass over their rows (a group's prompts
+        whole, each padded to the longest; the cache then forgets each row's padding)."""
+        group = self.prefilling
+        chunks = [seq.prompt[seq.prefilled:seq.prefilled + self.prefill_chunk] for seq in group]
+        T = max(map(len, chunks))
+        idx = torch.tensor([chunk + chunk[-1:] * (T - len(chunk)) for chunk in chunks], device=self.cache.lengths.device)
+        lo = group[0].row
+        logits = mask_padding(self.model(idx, kv_cache=self.cache.rows(lo, lo + len(group), T)),
+                              self.vocab_limit)  # (k, T, V)
+        for seq, chunk, row_logits in zip(group, chunks, logits):
+            self.cache.rewind(seq.row, seq.prefilled + len(chunk))
+            if seq.echo:
+                for t, target in enumerate(seq.prompt[seq.prefilled + 1:seq.prefilled + len(chunk) + 1]):
+                    seq.prompt_logprobs.append(_scored(row_logits[t:t + 1], target, seq.logprobs or 0))
+            seq.prefilled += len(chunk)
+        if group[0].prefilled < len(group[0].prompt):
+            return  # a long prompt (a group of one), prefilled a chunk a step
+        self.prefilling = []
+        for seq, chunk, row_logits in zip(group, chunks, logits):
+            row = len(self.decoding)  # the end of the decoding rows, which may have shrunk meanwhile
+            if seq.row != row:
+                self.cache.move(seq.row, row)
+                seq.row = row
+            self.decoding.append(seq)
+            seq.generator = seeded_generator(seq.params, logits.device)
+            if seq.params.penalized:
+                seq.penalties = Penalties(seq.prompt, logits.size(-1), logits.device)
+            if seq.params.max_tokens == 0:
+                self._retire(seq, "length")
+                continue
+            self._emit(seq, row_logits[len(chunk) - 1:len(chunk)])
 
     def _decode(self) -> None:
         decoding = list(self.decoding)

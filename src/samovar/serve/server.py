@@ -381,26 +381,12 @@ def create_app(llm: LLM, scheduler: Scheduler | None = None, model_name: str = "
             lp = completion_logprobs(tokens) if c.seq.logprobs is not None and tokens else None
             return {"index": c.index, "text": text, "logprobs": lp, "finish_reason": finish}
 
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def feed(c: Choice):
-            try:
-                async for piece in c.pieces(keepalive_seconds):
-                    await queue.put((c, piece))
-            except Exception as e:  # the model failed: the stream says so and ends
-                await queue.put((c, e))
-            await queue.put((c, None))
-
-        tasks = [asyncio.create_task(feed(c)) for c in run.choices]
         try:
             if chat:
                 for c in run.choices:
                     yield event([chunk(c, "", [], first=True)])
-            running = len(run.choices)
-            while running:
-                c, piece = await queue.get()
+            async for c, piece in merged(run.choices):
                 if piece is None:
-                    running -= 1
                     yield event([chunk(c, "", [], c.finish_reason)])
                 elif piece == KEEPALIVE:
                     yield ": keep-alive\n\n"
@@ -414,6 +400,35 @@ def create_app(llm: LLM, scheduler: Scheduler | None = None, model_name: str = "
             yield "data: [DONE]\n\n"
         finally:
             run.cancel()
+
+    async def merged(choices: list[Choice]):
+        """(choice, piece) as each choice's pieces come, then (choice, None) at its end; an error of
+        the model as a piece. One choice is read directly; several through a task each."""
+        async def pieces(c: Choice):
+            try:
+                async for piece in c.pieces(keepalive_seconds):
+                    yield c, piece
+            except Exception as e:  # the model failed: the stream says so and ends
+                yield c, e
+            yield c, None
+
+        if len(choices) == 1:
+            async for item in pieces(choices[0]):
+                yield item
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def feed(c: Choice):
+            async for item in pieces(c):
+                await queue.put(item)
+
+        tasks = [asyncio.create_task(feed(c)) for c in choices]
+        try:
+            for _ in range(len(choices)):
+                while (item := await queue.get())[1] is not None:
+                    yield item
+                yield item
+        finally:
             for t in tasks:
                 t.cancel()
 
