@@ -23,12 +23,13 @@ class Choice:
         self.finish_reason: str | None = None
 
     async def pieces(self, keepalive: float | None):
-        """(text, tokens) as they come, KEEPALIVE while waiting longer than `keepalive` seconds; ends
-        at the sequence's end or at a stop string (then the sequence is cancelled)."""
+        """(text, tokens) as they come, KEEPALIVE while waiting longer than `keepalive` seconds for
+        the first token (in the queue; after it, tokens come a step apart); ends at the sequence's
+        end or at a stop string (then the sequence is cancelled)."""
         unsent: list[Token] = []
         while True:
             try:
-                item = await self.seq.next_event(keepalive)
+                item = await self.seq.next_event(None if self.tokens else keepalive)
             except (TimeoutError, asyncio.TimeoutError):
                 yield KEEPALIVE
                 continue

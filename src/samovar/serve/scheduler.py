@@ -101,8 +101,11 @@ class Sequence:
     async def next_event(self, timeout: float | None = None):
         """The next Token, None at the end, or TimeoutError after `timeout` seconds (async readers
         that send keep-alives while they wait)."""
-        async with asyncio.timeout(timeout):  # (lighter than wait_for, which wraps the wait in a task)
+        if timeout is None:
             item = await self._events.get()
+        else:
+            async with asyncio.timeout(timeout):  # (lighter than wait_for, which wraps the wait in a task)
+                item = await self._events.get()
         if isinstance(item, Exception):
             raise item
         return item
