@@ -28,11 +28,10 @@ def test_sequences_decoded_together_get_what_they_get_alone(preset):
         scheduler.close()
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_compiled_decoding_gets_the_eager_tokens_with_two_graphs_for_every_batch_and_length(packed):
-    """Scheduler(compile=True): after warm_up (one row, then two), any number of rows and any length
-    decodes without compiling again, and each sequence gets Engine.generate's tokens (of the model
-    before its weights were packed for batches, when they are: what samovar serve runs)."""
+def test_compiled_decoding_gets_the_eager_tokens_with_two_graphs_for_every_batch_and_length():
+    """Scheduler(compile=True) as samovar serve runs it, its weights packed for batches: after
+    warm_up (one row, then two), any number of rows and any length decodes without compiling again,
+    and each sequence gets the tokens Engine.generate got before the packing."""
     from samovar.layers import pack_linears
 
     torch.manual_seed(3)
@@ -40,9 +39,7 @@ def test_compiled_decoding_gets_the_eager_tokens_with_two_graphs_for_every_batch
     prompts = [[(5 * i + j) % 200 + 3 for j in range(2 + (i * 7) % 30)] for i in range(7)]
     params = [SamplingParams(max_tokens=15 + 3 * i, temperature=0 if i % 2 else 0.7, seed=i) for i in range(7)]
     alone = [list(Engine(model).generate(p, sp)) for p, sp in zip(prompts, params)]
-    if packed:
-        assert pack_linears(model) == 4 * sum(m.weight.numel() for m in model.modules()
-                                              if isinstance(m, torch.nn.Linear))
+    assert pack_linears(model) == 4 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     scheduler = Scheduler(model, slots=4, prefill_chunk=9, compile=True)
     try:
         scheduler.warm_up()
