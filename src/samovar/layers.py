@@ -246,8 +246,9 @@ def attend(attn: nn.Module, q, k, v, kv_cache: KVCache | None, attn_mask=None):
     if kv_cache is not None:
         start = kv_cache.pos  # an int; or (B, 1), a position per row, in a SlotCache
         k, v = kv_cache.update(attn.layer, k, v)  # (B, K, S, D) with S = start + T (the longest row's)
+    rows = torch.is_tensor(start) and start.size(0) > 1  # rows at positions of their own: masks always
     mask = attn_mask if attn_mask is not None else \
-        causal_mask(T, start, k.size(2), attn.sliding_window, q.device, always=torch.is_tensor(start))
+        causal_mask(T, start, k.size(2), attn.sliding_window, q.device, always=rows)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=attn.scale,
         dropout_p=attn.dropout if attn.training else 0.0, enable_gqa=k.size(1) != q.size(1))
@@ -258,8 +259,8 @@ def causal_mask(T: int, start, S: int, window: int | None, device, always: bool 
     may see, or (B, 1, T, S) when start (B, 1) gives each row its own; None when plain causal
     attention does (SDPA's fast path) and `always` is false."""
     if not always and (window is None or window >= S):
-        if start == 0 or T == 1:
-            return None  # no history: is_causal; one new token: it sees every cached position
+        if T == 1 or start == 0:
+            return None  # one new token: it sees every cached position; no history: is_causal
     q_pos = (torch.arange(T, device=device) + start)[..., None]  # (T, 1), or (B, T, 1)
     k_pos = torch.arange(S, device=device)
     allowed = k_pos <= q_pos
