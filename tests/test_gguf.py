@@ -202,6 +202,43 @@ def test_deepseek_v3_is_laid_out_as_llama_cpp_reads_it(tmp_path, tokenizer):
         assert again.config.q_lora_rank is None and torch.equal(again(ids), plain(ids))
 
 
+def test_an_older_deepseek2_file_with_the_expansion_whole_imports(tmp_path, tokenizer):
+    """llama.cpp's converter wrote DeepSeek's key-value expansion whole (attn_kv_b) and the per-head
+    sizes as key_length/value_length before 2025; such a file, made here from an export, imports to
+    the same model."""
+    import numpy as np
+
+    from samovar.interop.gguf import import_gguf
+
+    model = model_of("deepseek-v3-tiny", tokenizer)
+    cfg = model.config
+    reader = gguf.GGUFReader(str(export_gguf(model, tokenizer, tmp_path / "new.gguf")))
+    old = gguf.GGUFWriter(str(tmp_path / "old.gguf"), "deepseek2")
+    newer = {"general.architecture", "deepseek2.attention.key_length_mla", "deepseek2.attention.value_length_mla",
+             "deepseek2.attention.key_length", "deepseek2.attention.value_length", "deepseek2.attention.head_count_kv"}
+    for key, f in reader.fields.items():
+        if key not in newer and not key.startswith("GGUF."):
+            old.add_key_value(key, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+    old.add_key_length(cfg.head_dim)
+    old.add_value_length(cfg.v_head_dim)
+    old.add_head_count_kv(cfg.n_head)
+    tensors = {t.name: np.array(t.data).reshape([int(d) for d in reversed(t.shape)]) for t in reader.tensors}
+    for name, data in tensors.items():
+        if ".attn_k_b." in name:  # (heads, rank, nope) and (heads, v, rank) -> (heads * (nope + v), rank)
+            data = np.concatenate([data.transpose(0, 2, 1), tensors[name.replace("k_b", "v_b")]], axis=1)
+            old.add_tensor(name.replace("attn_k_b", "attn_kv_b"), np.ascontiguousarray(data.reshape(-1, cfg.kv_lora_rank)))
+        elif ".attn_v_b." not in name:
+            old.add_tensor(name, data)
+    old.write_header_to_file()
+    old.write_kv_data_to_file()
+    old.write_tensors_to_file()
+    old.close()
+    again, _ = import_gguf(tmp_path / "old.gguf")
+    ids = torch.tensor([tokenizer.encode(TEXTS[0])])
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))
+
+
 def test_weights_only_files_for_llama_bench(tmp_path, tokenizer):
     model = model_of("llama-tiny", tokenizer)
     reader = gguf.GGUFReader(str(export_gguf(model, None, tmp_path / "w.gguf", weights_only=True)))

@@ -278,9 +278,9 @@ def _hf_layout(state: dict[str, torch.Tensor], cfg, arch: Arch) -> dict[str, tor
             t = t - 1
         if arch.conv1d and t.dim() == 2 and ".h." in name:
             t = t.t().contiguous()
-        if name.endswith("v_b_proj.weight"):
+        if name.endswith(".v_b_proj.weight"):
             continue  # joined with its key part
-        if name.endswith("k_b_proj.weight"):
+        if name.endswith(".k_b_proj.weight"):
             v = state[name.replace("k_b_proj", "v_b_proj")]
             out[name.replace("k_b_proj", "kv_b_proj")] = torch.cat([t.transpose(1, 2), v], dim=1).flatten(0, 1)
             continue
