@@ -193,10 +193,7 @@ def run_servers(servers: dict[str, list[str]], body: dict, levels: list[int], re
         results = {name: [] for name in servers}
         for c in levels:
             for name, url in urls.items():
-                try:
-                    results[name].append(asyncio.run(load(url + "/v1/completions", c, max(requests, c), body)))
-                except httpx.HTTPError as e:
-                    sys.exit(f"{name} failed under load: {e}")
+                results[name].append(asyncio.run(load(url + "/v1/completions", c, max(requests, c), body)))
         return results
 
 
@@ -219,7 +216,11 @@ def started(command: list[str]):
                 log.seek(0)
                 sys.exit(f"{command[0]} did not start; its output ends:\n{log.read()[-3000:]}")
             time.sleep(0.2)
-        yield url
+        try:
+            yield url
+        except httpx.HTTPError:
+            log.seek(0)
+            sys.exit(f"{command[0]} failed under load; its output ends:\n{log.read()[-3000:]}")
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -364,12 +364,9 @@ def _add_tensor(w, gguf, name: str, tensor: torch.Tensor, kind: str) -> None:
     data = tensor.contiguous().numpy()
     if data.ndim == 1 or kind == "f32":  # norms and biases stay float32, as llama.cpp's converter keeps them
         w.add_tensor(name, data)
-    elif kind == "bf16":
-        w.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16),
-                     raw_dtype=gguf.GGMLQuantizationType.BF16)
-    elif kind == "q8_0" and data.shape[-1] % 32 == 0:
-        w.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
-                     raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    elif kind == "bf16" or kind == "q8_0" and data.shape[-1] % 32 == 0:
+        qtype = gguf.GGMLQuantizationType[kind.upper()]
+        w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
     else:  # f16, or a row too short for q8_0's blocks of 32
         w.add_tensor(name, data.astype("float16"))
 

@@ -79,7 +79,6 @@ class Sequence:
         """Stop generating (the reader went away): the scheduler frees the row at its next step."""
         self.cancelled = True
 
-
     def __iter__(self):
         try:
             while (item := self._events.get()) is not None:
@@ -252,9 +251,7 @@ class Scheduler:
         if any(seq.cancelled for seq in self.prefilling):
             self.prefilling = [seq for seq in self.prefilling if not seq.cancelled]
             for row, seq in enumerate(self.prefilling, start=len(self.decoding)):  # rows A, A + 1, ... again
-                if seq.row != row:
-                    self.cache.move(seq.row, row)
-                    seq.row = row
+                self._place(seq, row)
         if self.decoding:
             self._decode()
         if self.prefilling:
@@ -270,18 +267,21 @@ class Scheduler:
             if seq.cancelled:
                 self.waiting.popleft()
                 continue
-            alone = seq.session in self.kept and not seq.echo
-            if self.prefilling and (alone or tokens + len(seq.prompt) > self.prefill_chunk):
+            if self.prefilling and (self._resumes(seq) or tokens + len(seq.prompt) > self.prefill_chunk):
                 break
             self._admit(self.waiting.popleft())
             tokens += len(seq.prompt) - seq.prefilled
             if seq.prefilled or tokens > self.prefill_chunk:  # reused a prefix, or takes chunks: alone
                 break
 
+    def _resumes(self, seq: Sequence) -> bool:
+        """Whether the sequence continues a session whose keys and values are kept."""
+        return seq.session in self.kept and not seq.echo
+
     def _admit(self, seq: Sequence) -> None:
         seq.row = len(self.decoding) + len(self.prefilling)
         self.cache.clear(seq.row)
-        if seq.session in self.kept and not seq.echo:
+        if self._resumes(seq):
             ids, keys, values = self.kept.pop(seq.session)
             n = reusable(ids, seq.prompt)
             if n:
@@ -309,10 +309,7 @@ class Scheduler:
             return  # a long prompt (a group of one), prefilled a chunk a step
         self.prefilling = []
         for seq, chunk, row_logits in zip(group, chunks, logits):
-            row = len(self.decoding)  # the end of the decoding rows, which may have shrunk meanwhile
-            if seq.row != row:
-                self.cache.move(seq.row, row)
-                seq.row = row
+            self._place(seq, len(self.decoding))  # the end of the decoding rows, which may have shrunk meanwhile
             self.decoding.append(seq)
             seq.generator = seeded_generator(seq.params, logits.device)
             if seq.params.penalized:
@@ -321,6 +318,12 @@ class Scheduler:
                 self._retire(seq, "length")
                 continue
             self._emit(seq, row_logits[len(chunk) - 1:len(chunk)])
+
+    def _place(self, seq: Sequence, row: int) -> None:
+        """Move the sequence (its positions so far) to the row, a free one or its own."""
+        if seq.row != row:
+            self.cache.move(seq.row, row)
+            seq.row = row
 
     def _decode(self) -> None:
         decoding = list(self.decoding)
@@ -356,8 +359,7 @@ class Scheduler:
         i = self.decoding.index(seq)
         last = self.decoding.pop()
         if last is not seq:
-            self.cache.move(last.row, seq.row)
-            last.row = seq.row
+            self._place(last, seq.row)
             self.decoding[i] = last
         seq.finish_reason = reason
         self._send(seq, None)
