@@ -5,7 +5,7 @@ Prints tokens/s of each (medians over --repeats timed windows of --steps steps, 
 ratio, and model FLOPs utilisation against this machine's measured fp32 matmul peak; --profile adds
 a summary of where samovar's time goes.
 
-    .venv/bin/python benchmarks/train_step.py [--steps 10] [--repeats 3] [--profile]
+    .venv/bin/python benchmarks/train_step.py [--steps 10] [--repeats 3] [--profile] [--compile] [--bf16]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def main() -> None:
 
     from samovar.interop.hf import config_from_hf, state_from_hf
     from samovar.model import Transformer
+    from samovar.runtime import autocast
     from samovar.train import TrainConfig, make_optimizer, measure_peak_flops
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -42,6 +43,8 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="a 2-layer 64-wide model (a smoke test)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--compile", action="store_true", help="also time samovar with torch.compile (TrainConfig.compile)")
+    p.add_argument("--bf16", action="store_true",
+                   help="also time samovar's step under bf16 autocast (the Trainer's dtype=bf16), side by side")
     args = p.parse_args()
     conf = dict(CONFIG, max_position_embeddings=args.context)
     if args.tiny:
@@ -67,6 +70,13 @@ def main() -> None:
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
 
+    def step_ours_bf16():
+        with autocast(torch.device("cpu"), torch.bfloat16):
+            loss = forward(x, y)
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
     def step_hf():
         loss = hf(input_ids=x, labels=y).loss  # (HF shifts the labels itself; the cost is the same)
         loss.backward()
@@ -74,20 +84,24 @@ def main() -> None:
         opt_hf.zero_grad(set_to_none=True)
 
     tokens = args.batch * args.context
-    for step in (step_ours, step_hf):
+    steps = [step_ours, step_hf] + ([step_ours_bf16] if args.bf16 else [])
+    for step in steps:
         step()
         step()  # warm-up
-    ours_r, hf_r = [], []
-    for _ in range(args.repeats):
-        ours_r.append(tokens_per_second(step_ours, tokens, args.steps))
-        hf_r.append(tokens_per_second(step_hf, tokens, args.steps))
-    a, b = statistics.median(ours_r), statistics.median(hf_r)
+    rates = [[] for _ in steps]
+    for _ in range(args.repeats):  # in turn, so that a drift of the machine's speed touches each alike
+        for step, r in zip(steps, rates):
+            r.append(tokens_per_second(step, tokens, args.steps))
+    a, b = statistics.median(rates[0]), statistics.median(rates[1])
     peak = measure_peak_flops(torch.device("cpu"), torch.float32, seconds=1.0)
     flops = ours.flops_per_token()
     print(f"{ours.num_params() / 1e6:.1f}M parameters, batch {args.batch} x {args.context}, fp32, "
           f"{torch.get_num_threads()} threads; measured matmul peak {peak / 1e9:.0f} GFLOP/s")
     print(f"samovar{' (compiled)' if args.compile else ''} {a:,.0f} tokens/s (MFU {flops * a / peak:.0%}), HF {b:,.0f} tokens/s (MFU {flops * b / peak:.0%}), "
           f"ratio {a / b:.2f}x")
+    if args.bf16:
+        c = statistics.median(rates[2])
+        print(f"samovar under bf16 autocast {c:,.0f} tokens/s, {c / a:.2f}x its fp32 step")
     if args.profile:
         from torch.profiler import profile
 

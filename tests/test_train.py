@@ -140,7 +140,33 @@ def test_bf16_on_the_cpu_warns_only_without_native_bf16():
         assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     slow = [w for w in caught if "far slower than fp32" in str(w.message)]
     assert len(slow) == (0 if cpu_has_native_bf16() else 1)
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_auto_is_bf16_on_a_cpu_with_native_bf16_and_fp32_elsewhere(monkeypatch, tmp_path, char_data):
+    """dtype auto for decoding: bf16 where the CPU multiplies it natively (measured faster, RESULTS.md),
+    fp32 on other CPUs, for int8 models, serving and training; SAMOVAR_DTYPE says what auto means."""
+    from samovar.api import load
+    from samovar.checkpoint import save_checkpoint
+    from samovar.model import Transformer
+    from samovar.runtime import RuntimeConfigError, cpu_has_native_bf16, resolve_dtype
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("SAMOVAR_DTYPE")  # (the suite pins fp32: conftest)
+    native = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert resolve_dtype("auto", cpu) == native
+    assert resolve_dtype("auto", cpu, bf16_on_cpu=False) == torch.float32
+    assert resolve_dtype("fp32", cpu) == torch.float32
+    save_checkpoint(tmp_path / "ckpt", Transformer(tiny_model(69)), None)
+    assert load(tmp_path / "ckpt")[0].tok_emb.weight.dtype == native
+    assert load(tmp_path / "ckpt", quantize="int8wo")[0].tok_emb.weight.dtype == torch.float32
+    assert load(tmp_path / "ckpt", bf16_on_cpu=False)[0].tok_emb.weight.dtype == torch.float32  # serve, telegram
+    trainer = Trainer(tiny_model(69), tiny_train(max_steps=1), char_data, tmp_path / "run", progress=False)
+    assert trainer.dtype == torch.float32
+    monkeypatch.setenv("SAMOVAR_DTYPE", "fp32")
+    assert resolve_dtype("auto", cpu) == torch.float32 and load(tmp_path / "ckpt")[0].tok_emb.weight.dtype == torch.float32
+    monkeypatch.setenv("SAMOVAR_DTYPE", "fp64")
+    with pytest.raises(RuntimeConfigError, match="SAMOVAR_DTYPE='fp64' is not a dtype"):
+        resolve_dtype("auto", cpu)
 
 
 def test_compiled_training_matches_eager(tmp_path, char_data):

@@ -29,12 +29,13 @@ from .tokenizer import Tokenizer
 
 
 def load(path: str | Path, device: str = "auto", dtype: str = "auto",
-         quantize: str | None = None) -> tuple[Transformer, Tokenizer | None]:
+         quantize: str | None = None, bf16_on_cpu: bool = True) -> tuple[Transformer, Tokenizer | None]:
     """(model, tokenizer) from a checkpoint folder or a run folder (its latest checkpoint), in eval mode.
     The tokenizer is None when the folder has no tokenizer.json (an HF import without one).
     quantize="int8" or "int8wo": int8 Linear weights for faster decoding (see quantize.py).
     A LoRA checkpoint loads its base (refused when the base has changed) with the adapters beside
-    the weights, unmerged (`samovar merge-lora` folds them in)."""
+    the weights, unmerged (`samovar merge-lora` folds them in).
+    bf16_on_cpu=False: dtype auto means fp32 on every CPU (runtime.resolve_dtype)."""
     folder = ckpt.resolve_checkpoint(path)
     cfg = ModelConfig.load(folder / "config.json")
     dev = resolve_device(device)
@@ -42,7 +43,9 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto",
     if ckpt.load_checkpoint_into(model, folder) and quantize:
         raise ckpt.CheckpointError(f"{folder} holds LoRA adapters: merge them first (samovar merge-lora "
                                    f"{path} --out DIR), then quantize the merged model")
-    model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval()
+    # (auto's bf16 on a CPU with native bf16 was measured for Transformers, whose int8 comes from float32)
+    bf16_on_cpu = bf16_on_cpu and cfg.arch == "transformer" and quantize is None
+    model.to(device=dev, dtype=resolve_dtype(dtype, dev, bf16_on_cpu)).eval()
     model = quantize_model(model, quantize)
     tokenizer = Tokenizer.load(folder / "tokenizer.json") if (folder / "tokenizer.json").exists() else None
     return model, tokenizer
@@ -195,8 +198,8 @@ class LLM:
 
     @classmethod
     def from_path(cls, path: str | Path, device: str = "auto", dtype: str = "auto",
-                  quantize: str | None = None) -> "LLM":
-        return cls(*load(path, device, dtype, quantize))
+                  quantize: str | None = None, bf16_on_cpu: bool = True) -> "LLM":
+        return cls(*load(path, device, dtype, quantize, bf16_on_cpu))
 
     def generate(self, prompt: str, **kwargs) -> str:
         return generate(self.model, self.tokenizer, prompt, stream=False, **kwargs)

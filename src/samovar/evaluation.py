@@ -289,7 +289,7 @@ def add_quantization_cost(result: dict, reference: dict, kind: str) -> dict:
 
 def format_result(run, data, result: dict) -> str:
     """evaluate()'s result as the lines `samovar eval` prints."""
-    lines = [f"{run} on {data} ({result['task']})"]
+    lines = [f"{run} on {data} ({result['task']}{', ' + result['dtype'] if 'dtype' in result else ''})"]
     if "loss" in result:  # a language model's loss over the whole text (the LSTM baseline has none)
         lines.append(f"  loss {result['loss']:.4f}   perplexity {result['perplexity']:.2f}   "
                      f"bits per byte {result['bits_per_byte']:.4f}   ({result['tokens']:,} tokens)")

@@ -38,6 +38,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def cpu_has_native_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively (avx512_bf16, or AMX's amx_bf16)."""
     try:
         flags = open("/proc/cpuinfo").read()
     except OSError:
@@ -45,11 +46,23 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on a CUDA GPU that supports it, else fp32. fp32 is the CPU default: on CPUs
-    without native bf16 (AVX2 only) bf16 matmuls run about 100x slower than fp32."""
+def resolve_dtype(name: str, device: torch.device, bf16_on_cpu: bool = True) -> torch.dtype:
+    """`auto`: bf16 on a CUDA GPU that supports it, and on a CPU with native bf16 (avx512_bf16 or
+    AMX in /proc/cpuinfo), where decoding measured faster than fp32 at +0.01% perplexity
+    (benchmarks/RESULTS.md); fp32 on other CPUs (AVX2 only: bf16 matmuls run about 100x slower
+    there) and where the caller passes bf16_on_cpu=False: training (bf16 autocast cost +0.53%
+    perplexity at equal steps, over the 0.5% auto allows), continuous batching (rounding would make
+    a sequence's tokens depend on its batch), int8 models and the LSTM baseline (not measured).
+    The SAMOVAR_DTYPE environment variable, when set, is what `auto` means (the test suite sets
+    fp32, so that its figures do not depend on the CPU)."""
+    if name == "auto" and os.environ.get("SAMOVAR_DTYPE"):
+        name = os.environ["SAMOVAR_DTYPE"]
+        if name not in DTYPES and name != "auto":
+            raise RuntimeConfigError(f"SAMOVAR_DTYPE={name!r} is not a dtype; use auto, fp32, bf16 or fp16")
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and bf16_on_cpu and cpu_has_native_bf16():
             return torch.bfloat16
         return torch.float32
     if name not in DTYPES:

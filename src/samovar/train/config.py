@@ -44,7 +44,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     seed: int = 1337
     device: str = "auto"
-    dtype: str = "auto"  # auto: fp32 on CPU (bf16 there is ~100x slower without native support), bf16 on CUDA
+    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU (bf16 there: ~100x slower without native support)
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more time
     strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate, or FSDP2 (shard parameters and state)
