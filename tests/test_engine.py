@@ -117,6 +117,21 @@ def test_cached_and_uncached_sampling_agree_with_a_seed():
     assert list(engine.generate([1, 2, 3], params)) == list(engine.generate([1, 2, 3], params, use_cache=False))
 
 
+def test_logit_bias_adds_to_the_logits_it_names():
+    """+100 on a token makes greedy decoding pick it every time; -100 on the plain greedy path's first
+    token keeps it out; ids outside the vocabulary and biases beyond 100 are refused."""
+    torch.manual_seed(2)
+    model = Transformer(get_preset("llama-tiny")).eval()
+    engine = Engine(model)
+    plain = list(engine.generate([1, 2, 3], SamplingParams(max_tokens=6, temperature=0)))
+    assert list(engine.generate([1, 2, 3], SamplingParams(max_tokens=6, temperature=0, logit_bias={7: 100}))) == [7] * 6
+    assert plain[0] not in engine.generate([1, 2, 3], SamplingParams(max_tokens=6, temperature=0,
+                                                                      logit_bias={plain[0]: -100}))
+    for bias in ({model.config.vocab_size: 1.0}, {7: 101.0}, {-1: 1.0}):
+        with pytest.raises(GenerationError, match="logit_bias"):
+            list(engine.generate([1, 2, 3], SamplingParams(max_tokens=2, logit_bias=bias)))
+
+
 def test_generation_continues_past_the_context():
     torch.manual_seed(3)
     cfg = get_preset("gpt2-tiny").replace(context_len=16)

@@ -111,6 +111,24 @@ def test_n_choices_stop_strings_and_seeds(client):
     assert streamed == text[:text.index(",")]
 
 
+def test_logit_bias_moves_the_tokens_it_names(client, llm):
+    """OpenAI's logit_bias: +100 makes a token all that greedy decoding picks; -100 keeps the likeliest
+    token of the plain reply out of it; response_format text is the default and accepted."""
+    plain = client.chat.completions.create(model="samovar-chat", messages=ask("привет"), temperature=0, max_tokens=8,
+                                           logprobs=True)
+    first = llm.tokenizer.encode(plain.choices[0].logprobs.content[0].token)[0]
+    chosen = llm.tokenizer.encode("привет")[1]
+    forced = client.chat.completions.create(model="samovar-chat", messages=ask("привет"), temperature=0, max_tokens=8,
+                                            logit_bias={str(chosen): 100}, response_format={"type": "text"})
+    assert forced.choices[0].message.content == llm.tokenizer.decode([chosen] * 8)
+    banned = client.chat.completions.create(model="samovar-chat", messages=ask("привет"), temperature=0, max_tokens=8,
+                                            logit_bias={str(first): -100})
+    assert first not in llm.tokenizer.encode(banned.choices[0].message.content)
+    text = client.completions.create(model="samovar-chat", prompt="при", temperature=0, max_tokens=4,
+                                     logit_bias={str(chosen): 100}).choices[0].text
+    assert text == llm.tokenizer.decode([chosen] * 4)
+
+
 def test_chat_logprobs_are_the_models(client, llm):
     r = client.chat.completions.create(model="samovar-chat", messages=ask("привет"), temperature=0, max_tokens=40,
                                        logprobs=True, top_logprobs=3)
@@ -196,6 +214,11 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         (dict(json={**good, "stop": [""]}), 400, "stop.0"),
         (dict(json={**good, "max_tokens": "many"}), 400, "max_tokens"),
         (dict(json={**good, "temperature": 1, "seed": 2 ** 70}), 400, None),  # (once a 500: found by the fuzzer)
+        (dict(json={**good, "logit_bias": {"x": 5}}), 400, "logit_bias"),
+        (dict(json={**good, "logit_bias": {"10000000": 5}}), 400, "logit_bias"),
+        (dict(json={**good, "logit_bias": {"5": 101}}), 400, "logit_bias.5"),
+        (dict(json={**good, "tools": [{"type": "function", "function": {"name": "f"}}]}), 400, "tools"),
+        (dict(json={**good, "response_format": {"type": "json_object"}}), 400, "response_format"),
         (dict(content=json.dumps(good).encode(), headers={"content-type": "text/plain"}), 415, None),
         (dict(content=b'{"x": "' + b"a" * (2 << 20) + b'"}', headers={"content-type": "application/json"}), 413, None),
     ]

@@ -44,8 +44,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # texts that end the reply (not included); applied to the text (api.py)
     seed: int | None = None
     ignore_eos: bool = False
+    logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> added to its logit, in [-100, 100]
 
-    def validate(self) -> None:
+    def validate(self, vocab_size: int | None = None) -> None:
+        """A GenerationError for the first setting out of range (token ids: of a vocabulary this large)."""
         if self.max_tokens < 0:
             raise GenerationError(f"max_tokens must be >= 0, got {self.max_tokens}")
         if self.temperature < 0:
@@ -65,6 +67,10 @@ class SamplingParams:
             raise GenerationError(f"seed must be a 64-bit integer, got {self.seed}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise GenerationError("each stop string must be non-empty text")
+        for token, bias in (self.logit_bias or {}).items():
+            if not (isinstance(token, int) and 0 <= token < (vocab_size or token + 1) and -100 <= bias <= 100):
+                raise GenerationError(f"logit_bias maps token ids (below the vocabulary's {vocab_size}) to numbers "
+                                      f"in [-100, 100], got {token!r}: {bias!r}")
 
     @property
     def penalized(self) -> bool:
@@ -126,7 +132,12 @@ def seeded_generator(params: SamplingParams, device) -> torch.Generator | None:
 
 def choose(logits: torch.Tensor, params: SamplingParams, penalties: "Penalties | None",
            generator: torch.Generator | None) -> int:
-    """One sequence's next token from its logits (1, V): penalties (when asked for), then sample."""
+    """One sequence's next token from its logits (1, V): logit bias and penalties (when asked for),
+    then sample."""
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), device=logits.device)
+        bias = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=logits.device)
+        logits = logits.float().index_add(1, ids, bias[None])
     if penalties is not None:
         logits = penalties.apply(logits, params)
     return int(sample(logits, params, generator)[0])
@@ -238,7 +249,7 @@ class Engine:
                  use_cache: bool = True, prefix: PrefixCache | None = None) -> Iterator[int]:
         """Yield new token ids one at a time; stop after max_tokens or at a stop id (not yielded).
         prefix: a PrefixCache kept between calls, whose cached ids this prompt need not prefill again."""
-        params.validate()
+        params.validate(self.model.config.vocab_size)
         if not prompt:
             raise GenerationError("the prompt is empty: give at least one token")
         if len(prompt) > self.context_len:

@@ -148,7 +148,7 @@ class Scheduler:
     # ---- the readers' side ------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams, stop_ids=(), logprobs: int | None = None,
                echo: bool = False, loop: asyncio.AbstractEventLoop | None = None, session=None) -> Sequence:
-        params.validate()
+        params.validate(self.model.config.vocab_size)
         if not prompt:
             raise GenerationError("the prompt is empty: give at least one token")
         if len(prompt) + params.max_tokens > self.context_len:

@@ -65,6 +65,7 @@ class Sampling(BaseModel):
     repetition_penalty: Annotated[float, Field(ge=0.01, le=100)] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id (as text) -> bias
 
 
 class TextPart(BaseModel):
@@ -81,11 +82,18 @@ class Message(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")  # (json_schema's schema: refused with the type)
+    type: str
+
+
 class ChatRequest(Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    tools: list[dict] | None = None  # refused when given: the model calls no tools
+    response_format: ResponseFormat | None = None  # only "text": nothing constrains the samples to JSON
 
 
 class CompletionRequest(Sampling):
@@ -261,6 +269,11 @@ def create_app(llm: LLM, scheduler: Scheduler | None = None, model_name: str = "
                                 "(samovar prepare --chat) or use /v1/completions", "messages")
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs to be true", "top_logprobs")
+        if req.tools:
+            raise APIError(400, "this server does not call tools: its model was not trained to", "tools")
+        if req.response_format is not None and req.response_format.type != "text":
+            raise APIError(400, f"response_format {req.response_format.type!r} is not supported: this server "
+                                "samples plain text (type text)", "response_format")
         try:
             prompt = render(tokenizer, [m.as_dict() for m in req.messages], add_generation_prompt=True)[0]
         except (ChatError, TokenizerError) as e:
@@ -293,6 +306,12 @@ def create_app(llm: LLM, scheduler: Scheduler | None = None, model_name: str = "
         loop = asyncio.get_running_loop()
         run = Run(chat_id(req), prompts)
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        bias = {}
+        for token, value in (req.logit_bias or {}).items():
+            if not (token.isascii() and token.isdigit()) or int(token) >= tokenizer.vocab_size:
+                raise APIError(400, f"logit_bias: {token!r} is not a token id of this model's "
+                                    f"[0, {tokenizer.vocab_size})", "logit_bias")
+            bias[int(token)] = value
         if len(prompts) * req.n > scheduler.slots + scheduler.max_waiting:  # never servable: not a 503
             raise APIError(400, f"the request asks for {len(prompts) * req.n} sequences ({len(prompts)} prompts x "
                                 f"n={req.n}); this server holds at most {scheduler.slots + scheduler.max_waiting} "
@@ -313,7 +332,7 @@ def create_app(llm: LLM, scheduler: Scheduler | None = None, model_name: str = "
                         top_k=req.top_k if req.top_k and req.top_k > 0 else None, top_p=req.top_p, min_p=req.min_p,
                         repetition_penalty=req.repetition_penalty or 1.0,
                         frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
-                        stop=stop, seed=seed)
+                        stop=stop, seed=seed, logit_bias=bias or None)
                     stop_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
                     seq = scheduler.submit(prompt, params, stop_ids, logprobs=logprobs, echo=echo, loop=loop)
                     run.choices.append(Choice(p * req.n + i, p, seq, TextStream(tokenizer, stop)))
