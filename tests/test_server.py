@@ -231,7 +231,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
             assert error["param"] == param, r.text
     completions = server.url + "/v1/completions"
     for body in ({"prompt": ""}, {"prompt": []}, {"prompt": [10 ** 9]}, {"prompt": "x", "max_tokens": -1},
-                 {"prompt": "x", "logprobs": 100}, {},
+                 {"prompt": "x", "logprobs": 100}, {}, {"prompt": "x", "suffix": "y"}, {"prompt": "x", "best_of": 3},
                  {"prompt": ["x"] * 5, "n": 9}):  # 45 sequences for 8 slots and 32 waiting (once a 503: the fuzzer)
         r = httpx.post(completions, json=body)
         assert r.status_code == 400 and r.json()["error"]["message"], (body, r.text)

@@ -101,6 +101,8 @@ class CompletionRequest(Sampling):
              | Annotated[list[int], Field(min_length=1)] | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)])
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool | None = False
+    suffix: str | None = None  # refused when given: insertion needs a model trained for it
+    best_of: int | None = None  # refused unless it is n: every sample drawn is returned
 
 
 class ErrorBody(BaseModel):
@@ -298,6 +300,11 @@ def create_app(llm: LLM, scheduler: Scheduler | None = None, model_name: str = "
                 raise APIError(400, "the prompt has no tokens", "prompt")
         if req.echo and req.stream:
             raise APIError(400, "echo is not supported with stream", "echo")
+        if req.suffix:
+            raise APIError(400, "suffix is not supported: the model continues the prompt, it does not fill a gap",
+                           "suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of is not supported: every sample drawn is returned (ask for n)", "best_of")
         return await respond(start(req, ids, req.max_tokens, req.logprobs, bool(req.echo)), req, chat=False)
 
     def start(req: Sampling, prompts: list[list[int]], max_tokens: int | None, logprobs, echo) -> "Run":
