@@ -660,9 +660,9 @@ def sets_option(s, what="any ModelConfig or TrainConfig field, e.g. --set n_laye
 def device_options(s) -> None:
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     s.add_argument("--dtype", default="auto",
-                   help="auto (bf16 on CUDA and on CPUs with native bf16, avx512_bf16 or AMX; else fp32; "
-                        "the SAMOVAR_DTYPE environment variable overrides what auto means), fp32, bf16, fp16; "
-                        "bf16 is ~100x slower than fp32 on CPUs without native bf16")
+                   help="auto (bf16 on CUDA, and on a CPU with native bf16, avx512_bf16 or AMX, except for serve "
+                        "and telegram; else fp32; the SAMOVAR_DTYPE environment variable says what auto means), "
+                        "fp32, bf16, fp16; bf16 is ~100x slower than fp32 on CPUs without native bf16")
 
 
 def decode_options(s) -> None:
