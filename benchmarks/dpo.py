@@ -119,7 +119,7 @@ def main() -> None:
     start, w = time.perf_counter(), args.work
     w.mkdir(parents=True, exist_ok=True)
     sft = resolve_checkpoint(args.sft)
-    llm = LLM(*load(sft, device="cpu"))
+    llm = LLM(*load(sft, device="cpu", dtype="fp32"))
     train_convs = conversations(args.qa, "train", args.train_premises)
     held_convs = conversations(args.qa, "val", args.held_out)
     train_pairs = pairs_of(train_convs, answers(llm, train_convs))
@@ -136,7 +136,7 @@ def main() -> None:
             "--set", "precompute_ref=true", "--set", f"max_seconds={args.minutes * 60:g}", "--set", "max_steps=100000",
             "--set", "batch_size=16", "--set", f"lr={args.lr:g}", "--set", "warmup_steps=20", "--set", "eval_interval=100",
             "--set", "eval_steps=4", "--set", "dropout=0")
-    before = LLM(*load(w / "dpo", device="cpu"))
+    before = LLM(*load(w / "dpo", device="cpu", dtype="fp32"))
     with adapters_disabled(before.model):  # the starting model: the adapters off
         first = scores(before, held_convs, held_pairs, args.beta)
     after = scores(before, held_convs, held_pairs, args.beta)

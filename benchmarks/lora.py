@@ -94,8 +94,8 @@ def main() -> None:
     from samovar.api import load
     from samovar.lora import adapter_state
 
-    full, _ = load(w / "full-0-peak_mib", device="cpu")
-    lora, _ = load(w / "lora-0-peak_mib", device="cpu")
+    full, _ = load(w / "full-0-peak_mib", device="cpu", dtype="fp32")
+    lora, _ = load(w / "lora-0-peak_mib", device="cpu", dtype="fp32")
     trainable = {"full": sum(p.numel() for p in full.parameters()),
                  "lora": sum(t.numel() for t in adapter_state(lora).values())}
     med = {k: {m: statistics.median(values) for m, values in v.items()} for k, v in results.items()}

@@ -45,7 +45,7 @@ def samovar(*args, stdin: str | None = None) -> str:
 
 def evaluate(run: Path, data: Path, examples: int) -> dict:
     return json.loads(samovar("eval", run, "--data", data, "--task", "chat", "--json", "--no-latency",
-                              "--max-examples", examples))
+                              "--max-examples", examples, "--dtype", "fp32"))
 
 
 def main() -> None:
@@ -90,7 +90,7 @@ def main() -> None:
         for split in ("clean", "raw"):
             loss[kind, split] = evaluate(w / f"chat-{kind}", w / f"dialogues-{split}", args.examples)
     transcript = samovar("chat", w / "chat-clean", "--temperature", 0, "--repetition-penalty", 1.1,
-                         "--max-tokens", 48, stdin="\n".join(EXCHANGES) + "\n")
+                         "--max-tokens", 48, "--dtype", "fp32", stdin="\n".join(EXCHANGES) + "\n")
 
     lines = [f"Measured by `benchmarks/russian_chat.py --pretrain-minutes {args.pretrain_minutes:g} "
              f"--sft-minutes {args.sft_minutes:g} --examples {args.examples}` in "

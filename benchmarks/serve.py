@@ -14,7 +14,8 @@ the same run, and the ratios the serving issue sets targets on: one client again
 
     .venv/bin/python benchmarks/serve.py --llama-server .cache/llama.cpp-0.3.36/build/bin/llama-server
 (`make test-llamacpp` builds llama.cpp from the llama-cpp-python sdist.) Both servers run at once and
-are loaded in turn at each concurrency, so that a drift of the machine's speed touches both alike.
+are loaded in turn at each concurrency, so that a drift of the machine's speed touches both alike,
+--rounds times over (3): tokens/s are the medians of the rounds, latencies are over all of them.
 """
 
 from __future__ import annotations
@@ -113,7 +114,15 @@ async def load(url: str, clients: int, requests: int, body: dict) -> dict:
         start = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(clients)))
         wall = time.perf_counter() - start
-    return {"clients": clients, "tokens_per_s": tokens / wall, "ttft_p50": percentile(ttft, 0.5),
+    return {"clients": clients, "tokens_per_s": tokens / wall, "ttft": ttft, "gaps": gaps}
+
+
+def summary(rounds: list[dict]) -> dict:
+    """One concurrency's rounds: the median of their tokens/s, and percentiles of all their latencies."""
+    ttft = [t for r in rounds for t in r["ttft"]]
+    gaps = [g for r in rounds for g in r["gaps"]]
+    return {"clients": rounds[0]["clients"], "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rounds),
+            "rounds": [r["tokens_per_s"] for r in rounds], "ttft_p50": percentile(ttft, 0.5),
             "ttft_p95": percentile(ttft, 0.95), "itl_p50": percentile(gaps, 0.5), "itl_p95": percentile(gaps, 0.95)}
 
 
@@ -131,11 +140,12 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--llama-server", help="path of llama.cpp's llama-server binary, to load it the same way")
+    p.add_argument("--rounds", type=int, default=3, help="times over every concurrency (medians of tokens/s)")
     args = p.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         folder = build(Path(tmp) / "serve-10m", args.vocab)
-        llm = LLM.from_path(folder, device="cpu")
+        llm = LLM.from_path(folder, device="cpu", dtype="fp32")
         n_params = sum(p.numel() for p in llm.model.parameters())
         prompt = [(7 * i) % llm.tokenizer.vocab_size for i in range(1, args.prompt_tokens + 1)]
         params = SamplingParams(max_tokens=args.new_tokens, temperature=0)
@@ -162,39 +172,48 @@ def main() -> None:
             # llama.cpp's options: never stop early (the file has no end token anyway), and prefill every
             # prompt as samovar does (llama-server would reuse the keys and values of the identical prompts)
             body.update(ignore_eos=True, cache_prompt=False)
-        results = run_servers(servers, body, levels, args.requests)
+        results = run_servers(servers, body, levels, args.requests, args.rounds)
     print(f"{n_params / 1e6:.1f}M parameters, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, "
-          f"greedy, fp32, {torch.get_num_threads()} threads")
+          f"greedy, fp32, {torch.get_num_threads()} threads; tokens/s: medians of {args.rounds} rounds (each round's "
+          "in brackets), latencies over all rounds")
     print(f"samovar generate (batch 1): {generate_rate:.1f} tok/s")
     print("| server | clients | tokens/s | TTFT p50 | TTFT p95 | ITL p50 | ITL p95 |")
     print("|---|---|---|---|---|---|---|")
     for name, rows in results.items():
         for r in rows:
-            print(f"| {name} | {r['clients']} | {r['tokens_per_s']:.1f} | {r['ttft_p50'] * 1e3:.0f} ms "
+            each = ", ".join(f"{x:.0f}" for x in r["rounds"])
+            print(f"| {name} | {r['clients']} | {r['tokens_per_s']:.1f} ({each}) | {r['ttft_p50'] * 1e3:.0f} ms "
                   f"| {r['ttft_p95'] * 1e3:.0f} ms | {r['itl_p50'] * 1e3:.1f} ms | {r['itl_p95'] * 1e3:.1f} ms |")
-    by = {r["clients"]: r["tokens_per_s"] for r in results["samovar"]}
+    by = {r["clients"]: r for r in results["samovar"]}
+
+    def each(ours, base, form):  # the ratio in each round
+        return ", ".join(format(a / b, form) for a, b in zip(ours["rounds"], base["rounds"]))
+
     if 1 in by:
-        print(f"one client: {by[1] / generate_rate:.0%} of samovar generate's tokens/s")
+        print(f"one client: {by[1]['tokens_per_s'] / generate_rate:.0%} of samovar generate's tokens/s")
         for c in levels[1:]:
-            print(f"{c} clients: {by[c] / by[1]:.2f}x one client's aggregate tokens/s")
+            print(f"{c} clients: {by[c]['tokens_per_s'] / by[1]['tokens_per_s']:.2f}x one client's aggregate tokens/s "
+                  f"(each round: {each(by[c], by[1], '.2f')})")
     if "llama.cpp" in results:
-        theirs = {r["clients"]: r["tokens_per_s"] for r in results["llama.cpp"]}
+        theirs = {r["clients"]: r for r in results["llama.cpp"]}
         for c in levels:
-            print(f"{c} clients: samovar at {by[c] / theirs[c]:.0%} of llama-server's aggregate tokens/s")
+            print(f"{c} clients: samovar at {by[c]['tokens_per_s'] / theirs[c]['tokens_per_s']:.0%} of llama-server's "
+                  f"aggregate tokens/s (each round: {each(by[c], theirs[c], '.0%')})")
 
 
-def run_servers(servers: dict[str, list[str]], body: dict, levels: list[int], requests: int) -> dict:
+def run_servers(servers: dict[str, list[str]], body: dict, levels: list[int], requests: int, rounds: int) -> dict:
     """Start every server (each command with its port appended), then load them in turn at each
-    concurrency, interleaved (this machine's speed drifts over a run), and stop them."""
+    concurrency, interleaved (this machine's speed drifts over a run), `rounds` times over; stop them."""
     with contextlib.ExitStack() as stack:
         urls = {name: stack.enter_context(started(command)) for name, command in servers.items()}
         for url in urls.values():
             asyncio.run(load(url + "/v1/completions", 1, 2, body))  # warm up
-        results = {name: [] for name in servers}
-        for c in levels:
-            for name, url in urls.items():
-                results[name].append(asyncio.run(load(url + "/v1/completions", c, max(requests, c), body)))
-        return results
+        measured = {(name, c): [] for name in servers for c in levels}
+        for _ in range(rounds):
+            for c in levels:
+                for name, url in urls.items():
+                    measured[name, c].append(asyncio.run(load(url + "/v1/completions", c, max(requests, c), body)))
+        return {name: [summary(measured[name, c]) for c in levels] for name in servers}
 
 
 @contextlib.contextmanager
