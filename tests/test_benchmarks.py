@@ -28,10 +28,10 @@ def test_decode_benchmark_runs():
 
 def test_train_step_benchmark_runs():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--tiny", "--steps", "1",
-                             "--repeats", "1", "--context", "32", "--batch", "2"], capture_output=True, text=True,
-                            timeout=300)
+                             "--repeats", "1", "--context", "32", "--batch", "2", "--bf16"], capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "MFU" in result.stdout
+    assert "MFU" in result.stdout and "under bf16 autocast" in result.stdout
 
 
 def test_prepare_benchmark_runs(tmp_path):
