@@ -339,7 +339,7 @@ def announce_dtype(args, model) -> None:
     """Say so when dtype auto chose bf16 on the CPU (runtime.resolve_dtype): a start-up line of chat."""
     import torch
 
-    weight = model.tok_emb.weight if hasattr(model, "tok_emb") else next(model.parameters())
+    weight = next(model.parameters())
     if args.dtype == "auto" and weight.is_cpu and weight.dtype == torch.bfloat16:
         print("samovar: computing in bf16, which this CPU multiplies natively (faster; +0.01% perplexity "
               "measured); --dtype fp32 for float32", file=sys.stderr, flush=True)
@@ -353,8 +353,8 @@ def cmd_eval(args) -> None:
                       with_latency=not args.no_latency, compile=compile_wanted(args))
     result["dtype"] = str(next(llm.model.parameters()).dtype).removeprefix("torch.")  # (auto: bf16 on some CPUs)
     if args.quantize:  # the cost of rounding: the float model's perplexity on the same text
-        reference = evaluate(load_for_eval(args.run, args, bf16_on_cpu=False), args.data, task=result["task"], max_examples=0,
-                             max_tokens=args.max_tokens, with_latency=False)
+        reference = evaluate(load_for_eval(args.run, args, bf16_on_cpu=False), args.data, task=result["task"],
+                             max_examples=0, max_tokens=args.max_tokens, with_latency=False)
         add_quantization_cost(result, reference, args.quantize)
     print(json.dumps(result, ensure_ascii=False, indent=2) if args.json else format_result(args.run, args.data, result))
 

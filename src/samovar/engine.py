@@ -68,23 +68,33 @@ class SamplingParams:
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise GenerationError("each stop string must be non-empty text")
         for token, bias in (self.logit_bias or {}).items():
-            if not (isinstance(token, int) and 0 <= token < (vocab_size or token + 1) and -100 <= bias <= 100):
-                raise GenerationError(f"logit_bias maps token ids (below the vocabulary's {vocab_size}) to numbers "
-                                      f"in [-100, 100], got {token!r}: {bias!r}")
+            if not isinstance(token, int) or token < 0 or vocab_size is not None and token >= vocab_size:
+                raise GenerationError(f"logit_bias: {token!r} is not a token id" +
+                                      (f" of a vocabulary of {vocab_size}" if vocab_size is not None else ""))
+            if not -100 <= bias <= 100:
+                raise GenerationError(f"logit_bias: token {token}'s bias must be in [-100, 100], got {bias!r}")
 
     @property
     def penalized(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+        """Whether the logits are adjusted before sampling: a penalty or a logit bias (Penalties)."""
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+                or bool(self.logit_bias))
 
 
 class Penalties:
-    """What the penalties need of the tokens so far: which ids the sequence holds (the prompt
+    """What a sequence's logits are adjusted by before sampling: OpenAI's logit bias, a vector made
+    once, and what the penalties need of the tokens so far: which ids the sequence holds (the prompt
     included, as HF's repetition penalty counts them) and how often each was generated (OpenAI's)."""
 
-    def __init__(self, prompt: list[int], vocab_size: int, device):
+    def __init__(self, prompt: list[int], vocab_size: int, device, logit_bias: dict[int, float] | None = None):
         self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
         self.seen[torch.tensor(prompt, device=device)] = True
         self.counts = torch.zeros(vocab_size, device=device)
+        self.bias = None
+        if logit_bias:
+            self.bias = torch.zeros(vocab_size, device=device)
+            ids, values = torch.tensor(list(logit_bias)), torch.tensor(list(logit_bias.values()), dtype=torch.float32)
+            self.bias[ids.to(device)] = values.to(device)
 
     def add(self, token: int) -> None:
         self.seen[token] = True
@@ -92,6 +102,8 @@ class Penalties:
 
     def apply(self, logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         logits = logits.float().clone()
+        if self.bias is not None:
+            logits += self.bias
         if params.repetition_penalty != 1.0:
             seen = logits[:, self.seen]
             p = params.repetition_penalty
@@ -134,10 +146,6 @@ def choose(logits: torch.Tensor, params: SamplingParams, penalties: "Penalties |
            generator: torch.Generator | None) -> int:
     """One sequence's next token from its logits (1, V): logit bias and penalties (when asked for),
     then sample."""
-    if params.logit_bias:
-        ids = torch.tensor(list(params.logit_bias), device=logits.device)
-        bias = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=logits.device)
-        logits = logits.float().index_add(1, ids, bias[None])
     if penalties is not None:
         logits = penalties.apply(logits, params)
     return int(sample(logits, params, generator)[0])
@@ -282,7 +290,7 @@ class Engine:
             prefix.ids += tokens[start:]
         logits = self._prefill(tokens[start:], cache)  # the prompt, in one pass
         cached = len(tokens)
-        penalties = Penalties(tokens, logits.size(-1), p.device) if params.penalized else None
+        penalties = Penalties(tokens, logits.size(-1), p.device, params.logit_bias) if params.penalized else None
         for _ in range(params.max_tokens):
             next_id = choose(logits, params, penalties, generator)
             if next_id in stop_ids:

@@ -313,7 +313,7 @@ class Scheduler:
             self.decoding.append(seq)
             seq.generator = seeded_generator(seq.params, logits.device)
             if seq.params.penalized:
-                seq.penalties = Penalties(seq.prompt, logits.size(-1), logits.device)
+                seq.penalties = Penalties(seq.prompt, logits.size(-1), logits.device, seq.params.logit_bias)
             if seq.params.max_tokens == 0:
                 self._retire(seq, "length")
                 continue
