@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import random
@@ -145,4 +146,6 @@ def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # destroyed before the interpreter tears down, as PyTorch asks (its threads outliving it can abort)
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return Dist(rank, local, world), device
