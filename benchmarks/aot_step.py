@@ -1,16 +1,15 @@
 """Batch-1 decoding step: torch.compile beside the same step compiled ahead of time.
 
-The compiled step samovar runs (`engine.compiled_step`: torch.compile, so each call first passes
-Dynamo's guard check and a Python wrapper) beside the same step exported (`torch.export`) and
-compiled ahead of time by AOTInductor, which a call reaches through a C++ runner with no guards.
-A lead for the "fast by default" issue, measured; samovar does not run the AOT step.
+The step torch.compile makes (`engine.compiled_step`, which the Scheduler runs: each call first
+passes Dynamo's guard check and a Python wrapper) beside the same step exported and compiled ahead
+of time by AOTInductor (`engine.AheadOfTimeStep`, which the Engine runs on the CPU: `generate`,
+`chat`), whose C++ runner a call reaches with no guards.
 
 Random LLaMA-shaped weights (decode.py's configurations), one row, the step timed at each length
 from the end of a --prompt-tokens prompt over --new-tokens positions, both steps in turn, --repeats
 times (medians). The AOT step's logits and the keys it writes must equal the compiled step's.
-The AOT package takes the model's own weights (not a copy: `user_managed` constants). Its length
-dimension must stay below the cache buffer's (export specialises a view that is the whole buffer),
-so the cache here has one position to spare.
+Its length dimension stays below the cache buffer's, so the caches have a position to spare. Also
+printed: the time to make each, and to make the AOT step again from its package on disk.
 
     .venv/bin/python benchmarks/aot_step.py [--configs 10m,51m] [--new-tokens 256] [--repeats 3]
 """
@@ -40,45 +39,8 @@ def build(name: str, context_len: int):
     return Transformer(cfg).eval()
 
 
-def aot_step(model, example: tuple, max_len: int, folder: str):
-    """The model's one-token step, exported with the attended length dynamic and compiled by
-    AOTInductor (the options compiled_step gives inductor); returns the loaded runner and seconds."""
-    from samovar.kv_cache import SlotRows
-
-    class GivenRows(SlotRows):  # a SlotRows made of tensors the caller passes
-        def __init__(self, pos, written, k, v):
-            self.pos, self.written, self.k, self.v = pos, written, k, v
-
-    n_layer = model.config.n_layer
-
-    class Step(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = model
-
-        def forward(self, idx, pos, rows, positions, kv):
-            cache = GivenRows(pos, (rows, positions), list(kv[:n_layer]), list(kv[n_layer:]))
-            return self.m(idx, kv_cache=cache)[:, -1, :]
-
-    step = Step()
-    length = torch.export.Dim("length", min=2, max=max_len - 1)
-    start = time.perf_counter()
-    exported = torch.export.export(step, example, dynamic_shapes={
-        "idx": None, "pos": None, "rows": None, "positions": None, "kv": ({2: length},) * (2 * n_layer)})
-    package = torch._inductor.aoti_compile_and_package(
-        exported, package_path=str(Path(folder) / "step.pt2"),
-        inductor_configs={"aot_inductor.package_constants_in_so": False,
-                          "post_grad_fusion_options": {"decompose_mm_pass": {}}})
-    runner = torch._inductor.aoti_load_package(package)
-    tensors = dict(step.named_parameters(remove_duplicate=False))
-    tensors.update(step.named_buffers(remove_duplicate=False))
-    runner.load_constants({k: tensors[k] for k in runner.get_constant_fqns()}, check_full_update=True,
-                          user_managed=True)
-    return runner, time.perf_counter() - start
-
-
 def main() -> None:
-    from samovar.engine import compiled_step
+    from samovar.engine import AheadOfTimeStep, compiled_step
     from samovar.kv_cache import SlotCache
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -96,22 +58,26 @@ def main() -> None:
         caches = [SlotCache(model.config, 1, context + 1, p0.device, p0.dtype) for _ in range(2)]  # a position to spare
         idx = torch.tensor([[7]])
 
-        def inputs(cache, length):
+        def rows(cache, length):
             cache.lengths[0] = length
-            rows = cache.rows(0, 1, 1)
-            return rows, (idx, rows.pos, *rows.written, (*rows.k, *rows.v))
+            return cache.rows(0, 1, 1)
 
         with torch.inference_mode(), tempfile.TemporaryDirectory() as folder:
             start = time.perf_counter()
-            compiled_step(model, idx, inputs(caches[0], args.prompt_tokens)[0])
+            compiled_step(model, idx, rows(caches[0], args.prompt_tokens))
             compile_seconds = time.perf_counter() - start
-            runner, aot_seconds = aot_step(model, inputs(caches[1], args.prompt_tokens)[1], context + 1, folder)
+            start = time.perf_counter()
+            AheadOfTimeStep(model, context + 1, Path(folder))
+            aot_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            ahead = AheadOfTimeStep(model, context + 1, Path(folder))  # a second start: the package is on disk
+            load_seconds = time.perf_counter() - start
             for cache in caches:  # the same keys and values in both
                 for layer in (*cache.k, *cache.v):
                     layer.copy_(torch.randn(layer.shape, generator=torch.Generator().manual_seed(1)))
             for length in (args.prompt_tokens, lengths[-1]):
-                ours = compiled_step(model, idx, inputs(caches[0], length)[0])
-                theirs = runner(*inputs(caches[1], length)[1])[0]
+                ours = compiled_step(model, idx, rows(caches[0], length))
+                theirs = ahead(idx, rows(caches[1], length))
                 assert torch.allclose(ours, theirs, atol=1e-4), f"logits differ by {(ours - theirs).abs().max()}"
                 for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
                     assert torch.allclose(a[0, :, length], b[0, :, length], atol=1e-5), "the written keys differ"
@@ -119,11 +85,11 @@ def main() -> None:
             for _ in range(args.repeats):
                 start = time.perf_counter()
                 for length in lengths:
-                    compiled_step(model, idx, inputs(caches[0], length)[0])
+                    compiled_step(model, idx, rows(caches[0], length))
                 times["compiled (torch.compile)"].append((time.perf_counter() - start) / len(lengths))
                 start = time.perf_counter()
                 for length in lengths:
-                    runner(*inputs(caches[1], length)[1])
+                    ahead(idx, rows(caches[1], length))
                 times["ahead of time (AOTInductor)"].append((time.perf_counter() - start) / len(lengths))
         n_params = sum(t.numel() for t in model.parameters())
         print(f"{name}: {n_params / 1e6:.1f}M parameters, one row, lengths {lengths.start}-{lengths.stop - 1}, fp32, "
@@ -131,9 +97,10 @@ def main() -> None:
         medians = {key: statistics.median(t) for key, t in times.items()}
         for key, seconds in medians.items():
             print(f"  {key:28s} {seconds * 1e3:6.3f} ms a step ({1 / seconds:7.1f} steps/s)")
-        compiled, ahead = medians.values()
-        print(f"  ahead of time: {compiled / ahead:.2f}x the compiled step's steps/s; first compile "
-              f"{compile_seconds:.1f} s (torch.compile, inductor's cache as it is), {aot_seconds:.1f} s (export and AOTInductor)")
+        compiled, ahead_time = medians.values()
+        print(f"  ahead of time: {compiled / ahead_time:.2f}x the compiled step's steps/s; first compile "
+              f"{compile_seconds:.1f} s (torch.compile, inductor's cache as it is), {aot_seconds:.1f} s (export and "
+              f"AOTInductor), {load_seconds:.1f} s the second time (export, the package loaded from disk)")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import torch
 from samovar.api import LLM, generate, load, stream_text
 from samovar.checkpoint import save_checkpoint
 from samovar.config import get_preset
-from samovar.engine import Engine, GenerationError, SamplingParams, sample
+from samovar.engine import Engine, GenerationError, SamplingParams, ahead_of_time_step, sample
 from samovar.model import Transformer
 from samovar.tokenizer import Tokenizer
 
@@ -60,22 +60,49 @@ def test_packed_weights_give_every_row_the_same_result_whatever_the_batch():
     assert torch.allclose(layer(x), 2 * (plain - layer.bias) + layer.bias, atol=1e-4)
 
 
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "mistral-tiny"])
-def test_the_compiled_step_agrees(preset):
-    """torch.compile'd one-token step (one graph: the attended length is dynamic), also across the
-    context's refill."""
+@pytest.mark.parametrize("preset,window", [("gpt2-tiny", None), ("mistral-tiny", 6)])  # learned positions; rotary
+def test_the_compiled_step_agrees(preset, window):
+    """The compiled one-token step (on the CPU compiled ahead of time: one program, the attended
+    length dynamic, also past a sliding window), also across the context's refill."""
     torch.manual_seed(4)
-    model = Transformer(get_preset(preset).replace(context_len=16)).eval()
+    model = Transformer(get_preset(preset).replace(context_len=16, sliding_window=window)).eval()
     params = SamplingParams(max_tokens=40, temperature=0)
     engine = Engine(model, compile=True)
     compiled = list(engine.generate([5, 6, 7], params))
     assert compiled == list(Engine(model).generate([5, 6, 7], params))
-    with torch.compiler.set_stance("fail_on_recompile"):  # one graph serves every position and prompt
-        assert list(engine.generate([9, 8], params)) == list(Engine(model).generate([9, 8], params))
-        sampled = SamplingParams(max_tokens=20, temperature=0.9, top_k=20, seed=3)
-        assert list(engine.generate([1], sampled)) == list(Engine(model).generate([1], sampled))
+    step = ahead_of_time_step(model, 17)  # made by the first step; every position and prompt reuse it
+    assert list(engine.generate([9, 8], params)) == list(Engine(model).generate([9, 8], params))
+    sampled = SamplingParams(max_tokens=20, temperature=0.9, top_k=20, seed=3)
+    assert list(Engine(model, compile=True).generate([1], sampled)) == list(Engine(model).generate([1], sampled))
+    assert ahead_of_time_step(model, 17) is step
     # recomputing agrees while the context holds everything (past it, it crops instead of refilling)
     assert compiled[:13] == list(Engine(model).generate([5, 6, 7], params, use_cache=False))[:13]
+
+
+def test_the_step_ahead_of_time_is_kept_on_disk_and_reads_the_model_s_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    torch.manual_seed(6)
+    model = Transformer(get_preset("llama-tiny").replace(context_len=24)).eval()
+    params = SamplingParams(max_tokens=12, temperature=0)
+
+    def agrees(m):
+        return list(Engine(m, compile=True).generate([4, 2], params)) == list(Engine(m).generate([4, 2], params))
+
+    assert agrees(model)
+    packages = list((tmp_path / "samovar" / "aot").glob("*.pt2"))
+    assert len(packages) == 1 and not list((tmp_path / "samovar" / "aot").glob("*partial*"))
+    made = packages[0].stat().st_mtime_ns
+    with torch.no_grad():  # new values in the same tensors: the step reads them
+        for p in model.parameters():
+            p.mul_(-1.5)
+    step = ahead_of_time_step(model, 25)
+    assert agrees(model) and ahead_of_time_step(model, 25) is step
+    model.blocks[0].attn.q_proj.weight = torch.nn.Parameter(torch.randn_like(model.blocks[0].attn.q_proj.weight))
+    assert agrees(model)  # a replaced tensor: a new step, from the same package on disk
+    assert ahead_of_time_step(model, 25) is not step and packages[0].stat().st_mtime_ns == made
+    assert len(list(packages[0].parent.glob("*.pt2"))) == 1
+    other = Transformer(get_preset("llama-tiny").replace(context_len=24, d_ff=64)).eval()
+    assert agrees(other) and len(list(packages[0].parent.glob("*.pt2"))) == 2  # another shape: a program of its own
 
 
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])  # a tied head and an untied one, biases or none

@@ -218,8 +218,8 @@ def cmd_train(args) -> None:
 
 
 # ---- generate, eval, compare -------------------------------------------------------------------------
-COMPILE_PAYS = 4096  # new tokens from which compiling the step pays for itself (RESULTS.md: 3,150-3,250
-#                      on the benchmark models with inductor's cache warm; 13,000-17,000 cold)
+COMPILE_PAYS = 4096  # new tokens from which compiling the step pays for itself (RESULTS.md: ahead of time,
+#                      130-220 on the benchmark models with its package on disk, 2,700-5,400 the first time)
 
 
 def cmd_generate(args) -> None:
@@ -550,8 +550,8 @@ def compiles(args, model) -> bool:
 @contextlib.contextmanager
 def compiling():
     """The start-up lines around compiling the decoding step."""
-    print("samovar: compiling the decoding step (about half a minute the first time, seconds later: inductor "
-          "keeps what it compiled on disk; --no-compile skips it) ...", file=sys.stderr, flush=True)
+    print("samovar: compiling the decoding step (up to half a minute the first time, seconds later: what it "
+          "compiled is kept on disk; --no-compile skips it) ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     yield
     print(f"samovar: compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
@@ -672,7 +672,7 @@ def decode_options(s) -> None:
                         "fastest decoding; slow without compiling). `samovar eval --quantize KIND` shows the "
                         "perplexity cost")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode through the torch.compile'd one-token step (compiling takes half a minute the first "
+                   help="decode through the compiled one-token step (compiling takes up to half a minute the first "
                         "time, seconds later). Default: yes for chat, serve and telegram; for generate when "
                         f"--max-tokens is at least {COMPILE_PAYS:,}; no for eval and compare. Mixtures of experts and "
                         "the lstm-seq2seq baseline decode eagerly")
