@@ -16,7 +16,6 @@ printed: the time to make each, and to make the AOT step again from its package 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from decode import CONFIGS
+from decode import CONFIGS, decoding_arguments
 
 
 def build(name: str, context_len: int):
@@ -43,12 +42,7 @@ def main() -> None:
     from samovar.engine import AheadOfTimeStep, compiled_step
     from samovar.kv_cache import SlotCache
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", default="10m,51m")
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args()
+    args = decoding_arguments(__doc__).parse_args()
     torch.manual_seed(0)
     context = args.prompt_tokens + args.new_tokens + 8
     lengths = range(args.prompt_tokens, args.prompt_tokens + args.new_tokens)

@@ -58,6 +58,16 @@ def llama_bench(binary: str, model: Path, prompt_tokens: int, new_tokens: int) -
     return float(json.loads(out)[0]["avg_ts"])
 
 
+def decoding_arguments(doc: str) -> argparse.ArgumentParser:
+    """The options every batch-1 decoding benchmark takes: which models, how long, how many times."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--configs", default="10m,51m")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    return p
+
+
 def main() -> None:
     import transformers
 
@@ -65,11 +75,7 @@ def main() -> None:
     from samovar.interop.hf import import_hf
     from samovar.quantize import quantize_int8, quantize_int8_weight_only
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", default="10m,51m")
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
+    p = decoding_arguments(__doc__)
     p.add_argument("--compile", action="store_true", help="also time Engine(compile=True)")
     p.add_argument("--int8", action="store_true", help="also time int8 decoding (samovar.quantize)")
     p.add_argument("--bf16", action="store_true", help="also time bf16 weights (fast where the CPU has native bf16)")
