@@ -219,13 +219,15 @@ class AheadOfTimeStep:
             raise GenerationError(f"the decoding step does not export ({str(error).splitlines()[0]}); "
                                   "--no-compile decodes without compiling") from error
         path = (folder or aot_folder()) / f"step-{_program_hash(exported)}.pt2"
-        if not path.exists():
+        try:
+            self.runner = torch._inductor.aoti_load_package(str(path))
+        except Exception:  # noqa: BLE001 (not there yet, or unreadable: made again)
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
             torch._inductor.aoti_compile_and_package(exported, package_path=str(partial), inductor_configs={
                 "aot_inductor.package_constants_in_so": False, **_STEP_OPTIONS})
             os.replace(partial, path)  # whole or not at all
-        self.runner = torch._inductor.aoti_load_package(str(path))
+            self.runner = torch._inductor.aoti_load_package(str(path))
         named = dict(step.named_parameters(remove_duplicate=False))
         named.update(step.named_buffers(remove_duplicate=False))
         self.runner.load_constants({name: named[name] for name in self.runner.get_constant_fqns()},
@@ -269,10 +271,14 @@ def _program_hash(exported) -> str:
     """What the compiled package depends on: the program, its inputs' and weights' layouts, torch, the CPU."""
     parts = [exported.graph_module.code, str(exported.graph_signature), torch.__version__, str(_STEP_OPTIONS),
              platform.machine(), torch.backends.cpu.get_cpu_capability()]
-    parts += [f"{n.name} {n.meta.get('val')}" for n in exported.graph.nodes if n.op == "placeholder"]
-    parts += [f"{name} {tuple(t.shape)} {t.stride()} {t.dtype}"
-              for name, t in (*exported.state_dict.items(), *exported.constants.items()) if torch.is_tensor(t)]
+    parts += [f"{n.name} {_layout(n.meta.get('val'))}" for n in exported.graph.nodes if n.op == "placeholder"]
+    parts += [f"{name} {_layout(t)}" for name, t in (*exported.state_dict.items(), *exported.constants.items())]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def _layout(t) -> str:
+    """A tensor's shape, strides (a cache's length is in them), dtype and device; anything else as it prints."""
+    return f"{tuple(t.shape)} {t.stride()} {t.dtype} {t.device}" if torch.is_tensor(t) else str(t)
 
 
 def aot_folder() -> Path:
@@ -280,16 +286,23 @@ def aot_folder() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "samovar" / "aot"
 
 
-_AOT_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its AheadOfTimeStep
+_AOT_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {max_len: AheadOfTimeStep}
 
 
 def ahead_of_time_step(model, max_len: int) -> AheadOfTimeStep:
-    """The model's AheadOfTimeStep for a cache of max_len positions, made once (again if its weights
+    """The model's AheadOfTimeStep for caches of max_len positions, made once (again if its weights
     were moved or replaced since) and shared by every Engine of the model."""
-    step = _AOT_STEPS.get(model)
-    if step is None or step.max_len != max_len or not step.reads(model):
-        step = _AOT_STEPS[model] = AheadOfTimeStep(model, max_len)
+    steps = _AOT_STEPS.setdefault(model, {})
+    step = steps.get(max_len)
+    if step is None or not step.reads(model):
+        step = steps[max_len] = AheadOfTimeStep(model, max_len)
     return step
+
+
+def ahead_of_time_cache_len(tokens: int, context_len: int) -> int:
+    """The length of a cache for a step compiled ahead of time that has room for `tokens`: a power of
+    two (at least 16; each length is a program of its own), the context at most, and a position to spare."""
+    return min(max(16, 1 << (tokens - 1).bit_length()), context_len) + 1
 
 
 def step_logits(model, idx, rows: SlotRows, compile: bool):
@@ -347,17 +360,16 @@ class Engine:
     def __init__(self, model, vocab_limit: int | None = None, compile: bool = False):
         """vocab_limit: never produce ids at or above it (a vocabulary padded past its tokenizer's).
         compile: run the one-token step compiled: on the CPU ahead of time (AheadOfTimeStep, for
-        caches of the whole context), elsewhere through torch.compile (compiled_step); the first
-        call compiles it (seconds; the first time for a model up to half a minute)."""
+        caches of a few lengths: ahead_of_time_cache_len), elsewhere through torch.compile
+        (compiled_step); the first call compiles it (seconds; the first time for a model up to half
+        a minute)."""
         if compile:
             check_compilable(model)
         self.model = model
         self.context_len = model.config.context_len
         self.vocab_limit = vocab_limit
         self.compile = compile
-        # on the CPU the compiled step is made ahead of time, for caches of the context and a position to spare
-        self.ahead_of_time = compile and model.tok_emb.weight.device.type == "cpu"
-        self.cache_len = self.context_len + 1 if self.ahead_of_time else None
+        self.ahead_of_time = compile and model.tok_emb.weight.device.type == "cpu"  # AheadOfTimeStep
 
     def warm_up(self) -> None:
         """Compile the decoding step now rather than at the first request (compile=True)."""
@@ -389,12 +401,14 @@ class Engine:
         tokens = list(prompt)
         cache = None
         if prefix is not None:  # the cache of an earlier call: only what is new is prefilled
-            size = self.cache_len or self.context_len
+            size = ahead_of_time_cache_len(self.context_len, self.context_len) if self.ahead_of_time else self.context_len
             if prefix.cache is None or prefix.cache.lengths.device != p.device or prefix.cache.max_len != size:
                 prefix.cache, prefix.ids = SlotCache(self.model.config, 1, size, p.device, p.dtype), []
             cache = prefix.cache
         elif use_cache:  # room for the request (or, when it outgrows the context, for the context)
-            size = self.cache_len or min(len(tokens) + params.max_tokens, self.context_len)
+            size = min(len(tokens) + params.max_tokens, self.context_len)
+            if self.ahead_of_time:
+                size = ahead_of_time_cache_len(size, self.context_len)
             cache = SlotCache(self.model.config, 1, size, p.device, p.dtype)
         start = 0
         if prefix is not None:
