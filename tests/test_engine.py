@@ -105,29 +105,21 @@ def test_the_step_ahead_of_time_is_kept_on_disk_and_reads_the_model_s_weights(tm
     assert agrees(model)  # a replaced tensor: a new step, from the same package on disk
     assert ahead_of_time_step(model, 17) is not step and packages[0].stat().st_mtime_ns == made
     assert len(list(packages[0].parent.glob("*.pt2"))) == 1
-    other = Transformer(get_preset("llama-tiny").replace(context_len=24, d_ff=64)).eval()
-    assert agrees(other) and len(list(packages[0].parent.glob("*.pt2"))) == 2  # another shape: a program of its own
     longer = SamplingParams(max_tokens=20, temperature=0)  # 22 positions: a cache of the context's 24 (and one)
     assert list(Engine(model, compile=True).generate([4, 2], longer)) == list(Engine(model).generate([4, 2], longer))
-    assert len(list(packages[0].parent.glob("*.pt2"))) == 3 and ahead_of_time_step(model, 25) is not step
-
-
-def test_a_damaged_step_package_is_made_again(tmp_path):
-    """A package on disk that does not load (a full disk, a crash outside samovar's writes) is
-    compiled again, in a process that has not loaded it before."""
-    script = ("import sys, torch; from samovar.config import get_preset; from samovar.model import Transformer; "
+    assert len(list(packages[0].parent.glob("*.pt2"))) == 2  # another length: a program of its own
+    # a package that does not load (a full disk, a crash outside samovar) is compiled again, here in a
+    # process that has not loaded it (this one keeps what it loaded): a model of the same shape
+    packages[0].write_bytes(b"not a package")
+    script = ("import torch; from samovar.config import get_preset; from samovar.model import Transformer; "
               "from samovar.engine import Engine, SamplingParams; torch.manual_seed(0); "
-              "m = Transformer(get_preset('gpt1-tiny').replace(context_len=16)).eval(); "
-              "print(list(Engine(m, compile=True).generate([1, 2], SamplingParams(max_tokens=5, temperature=0))) "
-              "== list(Engine(m).generate([1, 2], SamplingParams(max_tokens=5, temperature=0))))")
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    first = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0 and first.stdout.strip() == "True", first.stderr
-    (package,) = (tmp_path / "samovar" / "aot").glob("*.pt2")
-    package.write_bytes(b"not a package")
-    again = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+              "m = Transformer(get_preset('llama-tiny').replace(context_len=24)).eval(); "
+              "p = SamplingParams(max_tokens=12, temperature=0); "
+              "print(list(Engine(m, compile=True).generate([4, 2], p)) == list(Engine(m).generate([4, 2], p)))")
+    again = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
     assert again.returncode == 0 and again.stdout.strip() == "True", again.stderr
-    assert package.stat().st_size > 1000
+    assert packages[0].stat().st_size > 1000
 
 
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])  # a tied head and an untied one, biases or none
