@@ -181,7 +181,6 @@ def _compiled_last_logits():
     return torch.compile(_last_logits, fullgraph=True, dynamic=False, options={"cpp_wrapper": True, **_STEP_OPTIONS})
 
 
-
 def compiled_step(model, idx, rows: SlotRows):
     """The last logits (B, V) of one decoding step, idx (B, 1), through the compiled graph. Two
     graphs serve every step: one for a single row, one for any number of rows (their count and the
@@ -212,9 +211,9 @@ class AheadOfTimeStep:
         cache.lengths.fill_(1)
         length = torch.export.Dim("length", min=2, max=max_len - 1)
         kv = ({2: length},) * (2 * model.config.n_layer)
+        example = _step_inputs(torch.zeros((1, 1), dtype=torch.long, device=cache.lengths.device), cache.rows(0, 1, 1))
         try:
-            exported = torch.export.export(step, _step_inputs(torch.zeros((1, 1), dtype=torch.long, device=cache.lengths.device),
-                                                              cache.rows(0, 1, 1)), dynamic_shapes=(None, None, None, None, kv))
+            exported = torch.export.export(step, example, dynamic_shapes=(None, None, None, None, kv))
         except Exception as error:  # noqa: BLE001 (export's many kinds of refusal: one line for the user)
             raise GenerationError(f"the decoding step does not export ({str(error).splitlines()[0]}); "
                                   "--no-compile decodes without compiling") from error
@@ -401,7 +400,8 @@ class Engine:
         tokens = list(prompt)
         cache = None
         if prefix is not None:  # the cache of an earlier call: only what is new is prefilled
-            size = ahead_of_time_cache_len(self.context_len, self.context_len) if self.ahead_of_time else self.context_len
+            size = ahead_of_time_cache_len(self.context_len, self.context_len) if self.ahead_of_time \
+                else self.context_len
             if prefix.cache is None or prefix.cache.lengths.device != p.device or prefix.cache.max_len != size:
                 prefix.cache, prefix.ids = SlotCache(self.model.config, 1, size, p.device, p.dtype), []
             cache = prefix.cache
