@@ -276,11 +276,15 @@ def test_chat_keeps_the_conversation_scripted_through_stdin(chat_run, tmp_path):
     import sys
 
     script = "Привет!\nКак дела?\n/save {0}\n/reset\nТы кто?\n/exit\nне дойдёт\n".format(tmp_path / "c.jsonl")
+    import os
+
     result = subprocess.run([sys.executable, "-m", "samovar", "chat", str(chat_run / "sft"), "--system", "Шути.",
                              "--max-tokens", "20", "--temperature", "0"], input=script, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=300, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr
     assert "samovar: compiled in" in result.stderr  # the compiled step, by default; its answers are LLM.chat's:
+    assert len(list((tmp_path / "cache" / "samovar" / "aot").glob("*.pt2"))) == 1  # at start-up, none mid-conversation
+    assert "Warning" not in result.stderr
     answers = result.stdout.splitlines()
     assert len(answers) == 3  # one line an answer; /exit ends before the last line
     saved = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text(encoding="utf-8").splitlines()]

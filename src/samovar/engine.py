@@ -20,6 +20,7 @@ import functools
 import hashlib
 import os
 import platform
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,12 +220,16 @@ class AheadOfTimeStep:
                                   "--no-compile decodes without compiling") from error
         path = (folder or aot_folder()) / f"step-{_program_hash(exported)}.pt2"
         try:
+            if not path.exists():
+                raise FileNotFoundError(path)
             self.runner = torch._inductor.aoti_load_package(str(path))
         except Exception:  # noqa: BLE001 (not there yet, or unreadable: made again)
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
-            torch._inductor.aoti_compile_and_package(exported, package_path=str(partial), inductor_configs={
-                "aot_inductor.package_constants_in_so": False, **_STEP_OPTIONS})
+            with warnings.catch_warnings():  # torch's own deprecation, which its compiler trips over
+                warnings.filterwarnings("ignore", message=".*treespec, LeafSpec", category=FutureWarning)
+                torch._inductor.aoti_compile_and_package(exported, package_path=str(partial), inductor_configs={
+                    "aot_inductor.package_constants_in_so": False, **_STEP_OPTIONS})
             os.replace(partial, path)  # whole or not at all
             self.runner = torch._inductor.aoti_load_package(str(path))
         named = dict(step.named_parameters(remove_duplicate=False))
@@ -371,9 +376,10 @@ class Engine:
         self.ahead_of_time = compile and model.tok_emb.weight.device.type == "cpu"  # AheadOfTimeStep
 
     def warm_up(self) -> None:
-        """Compile the decoding step now rather than at the first request (compile=True)."""
+        """Compile the decoding step now rather than at the first request (compile=True), for the
+        cache a conversation keeps (a PrefixCache: the context's length)."""
         if self.compile:
-            list(self.generate([0], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)))
+            list(self.generate([0], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), prefix=PrefixCache()))
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], params: SamplingParams, stop_ids=(),
