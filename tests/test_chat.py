@@ -272,12 +272,11 @@ def test_fine_tuning_grows_the_vocabulary_with_mean_rows(chat_run):
 
 
 def test_chat_keeps_the_conversation_scripted_through_stdin(chat_run, tmp_path):
+    import os
     import subprocess
     import sys
 
     script = "Привет!\nКак дела?\n/save {0}\n/reset\nТы кто?\n/exit\nне дойдёт\n".format(tmp_path / "c.jsonl")
-    import os
-
     result = subprocess.run([sys.executable, "-m", "samovar", "chat", str(chat_run / "sft"), "--system", "Шути.",
                              "--max-tokens", "20", "--temperature", "0"], input=script, capture_output=True,
                             text=True, timeout=300, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})

@@ -219,11 +219,8 @@ class AheadOfTimeStep:
             raise GenerationError(f"the decoding step does not export ({str(error).splitlines()[0]}); "
                                   "--no-compile decodes without compiling") from error
         path = (folder or aot_folder()) / f"step-{_program_hash(exported)}.pt2"
-        try:
-            if not path.exists():
-                raise FileNotFoundError(path)
-            self.runner = torch._inductor.aoti_load_package(str(path))
-        except Exception:  # noqa: BLE001 (not there yet, or unreadable: made again)
+        self.runner = _loaded(path)
+        if self.runner is None:  # not there yet, or unreadable: made again
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
             with warnings.catch_warnings():  # torch's own deprecation, which its compiler trips over
@@ -261,6 +258,16 @@ class _Step(torch.nn.Module):
 class _GivenRows(SlotRows):
     def __init__(self, pos, written, k, v):  # noqa: super().__init__ makes these from a SlotCache
         self.pos, self.written, self.k, self.v = pos, written, k, v
+
+
+def _loaded(path: Path):
+    """The package's runner, or None when there is no package or it does not load."""
+    if not path.exists():
+        return None
+    try:
+        return torch._inductor.aoti_load_package(str(path))
+    except Exception:  # noqa: BLE001 (a damaged file fails in many ways)
+        return None
 
 
 def _step_inputs(idx, rows: SlotRows) -> tuple:
@@ -379,7 +386,8 @@ class Engine:
         """Compile the decoding step now rather than at the first request (compile=True), for the
         cache a conversation keeps (a PrefixCache: the context's length)."""
         if self.compile:
-            list(self.generate([0], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), prefix=PrefixCache()))
+            params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+            list(self.generate([0], params, prefix=PrefixCache()))
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], params: SamplingParams, stop_ids=(),
@@ -406,16 +414,12 @@ class Engine:
         tokens = list(prompt)
         cache = None
         if prefix is not None:  # the cache of an earlier call: only what is new is prefilled
-            size = ahead_of_time_cache_len(self.context_len, self.context_len) if self.ahead_of_time \
-                else self.context_len
+            size = self._cache_len(self.context_len)
             if prefix.cache is None or prefix.cache.lengths.device != p.device or prefix.cache.max_len != size:
                 prefix.cache, prefix.ids = SlotCache(self.model.config, 1, size, p.device, p.dtype), []
             cache = prefix.cache
         elif use_cache:  # room for the request (or, when it outgrows the context, for the context)
-            size = min(len(tokens) + params.max_tokens, self.context_len)
-            if self.ahead_of_time:
-                size = ahead_of_time_cache_len(size, self.context_len)
-            cache = SlotCache(self.model.config, 1, size, p.device, p.dtype)
+            cache = SlotCache(self.model.config, 1, self._cache_len(len(tokens) + params.max_tokens), p.device, p.dtype)
         start = 0
         if prefix is not None:
             start = prefix.keep(tokens)
@@ -446,6 +450,12 @@ class Engine:
                 logits = self._step(next_id, cache, ahead)
                 if prefix is not None:
                     prefix.ids.append(next_id)
+
+    def _cache_len(self, tokens: int) -> int:
+        """The length of a cache with room for `tokens` (the context at most): in the lengths the step
+        compiled ahead of time is made for, when it runs."""
+        size = min(tokens, self.context_len)
+        return ahead_of_time_cache_len(size, self.context_len) if self.ahead_of_time else size
 
     def _prefill(self, ids: list[int], cache: SlotCache | None):
         """The last logits (1, V) after the ids, written into the cache when there is one (eager)."""

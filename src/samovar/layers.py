@@ -258,11 +258,9 @@ def causal_mask(T: int, start, S: int, window: int | None, device, always: bool 
     """A (T, S) boolean mask of the keys each of the T queries at positions start, start + 1, ...
     may see, or (B, 1, T, S) when start (B, 1) gives each row its own; None when plain causal
     attention does (SDPA's fast path) and `always` is false."""
-    if not always and window is None and (T == 1 or start == 0):
-        return None  # one new token: it sees every cached position; no history: is_causal
-    if not always and window is not None and T > 1 and window >= S and start == 0:
-        return None  # the window holds every position (one new token gets a mask whatever the
-        # length: a compiled step then has no branch on it)
+    if not always and (T == 1 or start == 0):  # one new token sees every cached position; no history: is_causal
+        if window is None or (T > 1 and window >= S):  # or a window that holds every position (one new token
+            return None  # under a window always gets a mask: a compiled step then has no branch on the length)
     q_pos = (torch.arange(T, device=device) + start)[..., None]  # (T, 1), or (B, T, 1)
     k_pos = torch.arange(S, device=device)
     allowed = k_pos <= q_pos
