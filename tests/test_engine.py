@@ -148,6 +148,18 @@ def test_inference_on_the_cpu_multiplies_through_onednn_with_training_s_results(
     assert list(Engine(model).generate(prompt, params)) == expected[3:]
 
 
+def test_bf16_inference_runs_on_every_cpu():
+    """oneDNN has no bf16 product on a CPU without bf16 instructions (AVX2 only): there bf16 takes
+    F.linear, elsewhere oneDNN; either way decoding runs and agrees with training's kernels."""
+    torch.manual_seed(5)
+    model = Transformer(get_preset("llama-tiny")).eval().to(torch.bfloat16)
+    idx = torch.randint(0, model.config.vocab_size, (1, 12))
+    trained = model(idx).detach()
+    with torch.inference_mode():
+        torch.testing.assert_close(model(idx), trained, rtol=2e-2, atol=2e-2)
+    assert len(list(Engine(model).generate([3, 1, 4], SamplingParams(max_tokens=8, temperature=0)))) == 8
+
+
 def test_compile_is_refused_for_a_mixture_of_experts():
     with pytest.raises(GenerationError, match="mixture of experts decodes eagerly"):
         Engine(Transformer(get_preset("mixtral-tiny")).eval(), compile=True)

@@ -64,11 +64,12 @@ def test_refusals():
         Engine(q, compile=True)
 
 
-@pytest.mark.parametrize("preset", ["llama-tiny", "gpt2-tiny", "mixtral-tiny", "deepseek-v3-tiny"])
-def test_weight_only_int8_logits_stay_close_and_weights_shrink(preset):
+@pytest.mark.parametrize("preset,words", [("llama-tiny", False), ("llama-tiny", True), ("gpt2-tiny", None),
+                                          ("mixtral-tiny", None), ("deepseek-v3-tiny", True)])
+def test_weight_only_int8_logits_stay_close_and_weights_shrink(preset, words):
     torch.manual_seed(0)
     model = Transformer(get_preset(preset)).eval()
-    q = quantize_int8_weight_only(model)
+    q = quantize_int8_weight_only(model, words)
     assert not any(isinstance(m, nn.Linear) for m in q.modules())
     assert all(m.weight.dtype == torch.int8 for m in q.modules() if isinstance(m, Int8Linear))
     assert linear_weight_bytes(q) * 4 == linear_weight_bytes(model)  # a tied head counts once in each
@@ -83,11 +84,27 @@ def test_weight_only_int8_logits_stay_close_and_weights_shrink(preset):
     torch.testing.assert_close(one_row[0, 0], out[0, 0], rtol=1e-4, atol=1e-5)
 
 
-def test_weight_only_int8_compiles_and_recites():
+@pytest.mark.parametrize("in_features", [12, 10, 7])  # a multiple of 4, and widths padded to one
+def test_int8_weights_four_to_a_word_are_the_same_weights(in_features):
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, 9)
+    plain, words = Int8Linear(linear, words=False), Int8Linear(linear, words=True)
+    assert words.weight.shape == (9, in_features + -in_features % 4) and words.weight.dtype == torch.int8
+    assert torch.equal(words.int8_weight(), plain.weight)
+    x = torch.randn(1, in_features)
+    expected = F.linear(x, plain.weight.float()) * plain.scale + linear.bias.detach()
+    for q in (plain, words):
+        torch.testing.assert_close(q(x), expected, rtol=1e-5, atol=1e-5)  # one row: the decoding step's sum
+        torch.testing.assert_close(q(x.expand(3, -1))[1], expected[0], rtol=1e-5, atol=1e-5)  # rows: F.linear
+
+
+@pytest.mark.parametrize("words", [False, True])  # the int8 rows as they are, and four to a 32-bit word (AVX2)
+def test_weight_only_int8_compiles_and_recites(words):
     torch.manual_seed(0)
     text = list(range(2, 40)) * 8
     cfg = get_preset("llama-tiny").replace(vocab_size=64, context_len=48)
-    q = quantize_int8_weight_only(memorize(Transformer(cfg), text, steps=120))
+    q = quantize_int8_weight_only(memorize(Transformer(cfg), text, steps=120), words)
+    assert all(m.words == words for m in q.modules() if isinstance(m, Int8Linear))
     params = SamplingParams(max_tokens=20, temperature=0)
     compiled = list(Engine(q, compile=True).generate([10, 11, 12], params))
     assert compiled == list(Engine(q).generate([10, 11, 12], params)) == list(range(13, 33))

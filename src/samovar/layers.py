@@ -52,11 +52,15 @@ class Linear(nn.Linear):
         return self.weight.numel() * self.weight.element_size()
 
 
-_ONEDNN = torch.backends.mkldnn.is_available()
+# oneDNN multiplies bf16 only where the CPU has bf16 instructions (avx512_bf16, AMX); on an AVX2-only
+# CPU it has no bf16 product at all, and F.linear's bf16 runs there
+_ONEDNN_DTYPES = (() if not torch.backends.mkldnn.is_available() else
+                  (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else
+                  (torch.float32,))
 
 
 def _onednn_suits(x, weight) -> bool:
-    if not (_ONEDNN and x.is_cpu and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype):
+    if not (x.is_cpu and x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
@@ -66,12 +70,11 @@ def _onednn_suits(x, weight) -> bool:
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Linear.pack() every Linear that runs through oneDNN (on the CPU, float32 or bfloat16), for a
-    process that only decodes, many rows at a time (a server); returns the bytes the copies take."""
-    if not _ONEDNN:
-        return 0
+    """Linear.pack() every Linear that runs through oneDNN (on the CPU, float32, and bfloat16 where the
+    CPU has it), for a process that only decodes, many rows at a time (a server); returns the bytes
+    the copies take."""
     return sum(m.pack() for m in model.modules() if isinstance(m, Linear) and m.weight.is_cpu
-               and m.weight.dtype in (torch.float32, torch.bfloat16))
+               and m.weight.dtype in _ONEDNN_DTYPES)
 
 
 @torch.library.custom_op("samovar::onednn_linear", mutates_args=())
