@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+from samovar import layers
 from samovar.api import LLM, generate, load, stream_text
 from samovar.checkpoint import save_checkpoint
 from samovar.config import get_preset
@@ -64,12 +65,20 @@ def test_packed_weights_give_every_row_the_same_result_whatever_the_batch():
     assert torch.allclose(layer(x), 2 * (plain - layer.bias) + layer.bias, atol=1e-4)
 
 
-@pytest.mark.parametrize("preset,window", [("gpt2-tiny", None), ("mistral-tiny", 6)])  # learned positions; rotary
-def test_the_compiled_step_agrees(preset, window):
+@pytest.mark.parametrize("preset,window,avx2", [("gpt2-tiny", None, None), ("mistral-tiny", 6, None),  # learned positions; rotary
+                                                ("gpt2-tiny", None, not layers._AVX2)])  # the other CPU kind's products
+def test_the_compiled_step_agrees(preset, window, avx2, monkeypatch):
     """The compiled one-token step (on the CPU compiled ahead of time: one program, the attended
-    length dynamic, also past a sliding window), also across the context's refill."""
+    length dynamic, also past a sliding window), also across the context's refill. avx2: the products
+    as an AVX2 CPU writes them (every one-row product inductor's kernel), or as the others do."""
+    if avx2 is not None:
+        monkeypatch.setattr(layers, "_AVX2", avx2)
     torch.manual_seed(4)
     model = Transformer(get_preset(preset).replace(context_len=16, sliding_window=window)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):  # biases start at zero; a product that dropped one would pass
+                p.normal_(0, 0.1)
     params = SamplingParams(max_tokens=40, temperature=0)
     engine = Engine(model, compile=True)
     compiled = list(engine.generate([5, 6, 7], params))

@@ -28,13 +28,18 @@ class Linear(nn.Linear):
     our 2-core AMD EPYC multiplies one row (a decoding step) on one core at 16-25 GB/s; oneDNN streams
     the weights from both at 40 GB/s (1.7-2.2x tokens/s decoding, RESULTS.md). Training (gradients)
     and other devices keep F.linear. In a compiled step, one row times a weight of at most 2,048 rows
-    and columns is left to inductor's own kernel (decompose_mm_pass); the head and batches of rows
-    take oneDNN.
+    and columns is left to inductor's own kernel (decompose_mm_pass), and on an AVX2 CPU one row
+    times any weight; the head and batches of rows take oneDNN.
     """
 
     packed: torch.Tensor | None = None  # the weight in oneDNN's blocked layout, when pack() made it
 
     def forward(self, x):
+        if _AVX2 and x.is_cpu and x.shape[:-1].numel() == 1 and torch.compiler.is_compiling():
+            # one row in a compiled step on an AVX2 CPU: inductor's kernel over the weight's rows, for
+            # a weight of any size (on our AVX2 EPYC it reads the head faster than oneDNN: RESULTS.md)
+            y = (x.unsqueeze(-2) * self.weight).sum(-1)
+            return y if self.bias is None else y + self.bias
         if not _onednn_suits(x, self.weight):
             return F.linear(x, self.weight, self.bias)
         weight = self.weight if self.packed is None else self.packed
@@ -52,6 +57,7 @@ class Linear(nn.Linear):
         return self.weight.numel() * self.weight.element_size()
 
 
+_AVX2 = torch.backends.cpu.get_cpu_capability() == "AVX2"  # x86 without AVX-512 (what torch's kernels use)
 # oneDNN multiplies bf16 only where the CPU has bf16 instructions (avx512_bf16, AMX); on an AVX2-only
 # CPU it has no bf16 product at all, and F.linear's bf16 runs there
 _ONEDNN_DTYPES = (() if not torch.backends.mkldnn.is_available() else
