@@ -669,7 +669,7 @@ def decode_options(s) -> None:
     s.add_argument("--quantize", choices=["int8", "int8wo"], default=None,
                    help="int8: int8 Linear weights run by FBGEMM (CPU, float32 model), about 2.5x faster decoding "
                         "of a 51M model with a large vocabulary; int8wo: weight-only int8, for --compile (the "
-                        "fastest decoding; slow without compiling). `samovar eval --quantize KIND` shows the "
+                        "fastest decoding on a CPU with AVX-512; slow without compiling). `samovar eval --quantize KIND` shows the "
                         "perplexity cost")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="decode through the compiled one-token step (compiling takes up to half a minute the first "

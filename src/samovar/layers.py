@@ -28,16 +28,18 @@ class Linear(nn.Linear):
     our 2-core AMD EPYC multiplies one row (a decoding step) on one core at 16-25 GB/s; oneDNN streams
     the weights from both at 40 GB/s (1.7-2.2x tokens/s decoding, RESULTS.md). Training (gradients)
     and other devices keep F.linear. In a compiled step, one row times a weight of at most 2,048 rows
-    and columns is left to inductor's own kernel (decompose_mm_pass), and on an AVX2 CPU one row
-    times any weight; the head and batches of rows take oneDNN.
+    and columns is left to inductor's own kernel (decompose_mm_pass), and on an AVX2 CPU one float32
+    row times any weight; the head and batches of rows take oneDNN.
     """
 
     packed: torch.Tensor | None = None  # the weight in oneDNN's blocked layout, when pack() made it
 
     def forward(self, x):
-        if _AVX2 and x.is_cpu and x.shape[:-1].numel() == 1 and torch.compiler.is_compiling():
-            # one row in a compiled step on an AVX2 CPU: inductor's kernel over the weight's rows, for
-            # a weight of any size (on our AVX2 EPYC it reads the head faster than oneDNN: RESULTS.md)
+        if (_AVX2 and x.is_cpu and x.dtype == torch.float32 and x.shape[:-1].numel() == 1
+                and torch.compiler.is_compiling()):
+            # one float32 row in a compiled step on an AVX2 CPU: inductor's kernel over the weight's
+            # rows, for a weight of any size (on our AVX2 EPYC it reads the head faster than oneDNN;
+            # in bf16 slower than F.linear: RESULTS.md)
             y = (x.unsqueeze(-2) * self.weight).sum(-1)
             return y if self.bias is None else y + self.bias
         if not _onednn_suits(x, self.weight):
