@@ -160,7 +160,12 @@ def test_the_first_step_s_loss_is_ln2(tmp_path, pairs_data, chat_model, sets):
     trainer._begin()
     assert trainer.train_step()
     assert abs(trainer.last["loss"] - math.log(2)) < 1e-6
-    assert trainer.last["rewards/accuracies"] == 0 and abs(trainer.last["rewards/margins"]) < 1e-7
+    if sets.get("precompute_ref"):  # the reference came from inference's kernels (oneDNN), the policy from
+        # training's (F.linear): their log-probabilities are rounding apart (2e-7 on an AVX2 CPU), so
+        # a margin's sign, and the accuracy, is noise
+        assert abs(trainer.last["rewards/margins"]) < 1e-6
+    else:
+        assert trainer.last["rewards/accuracies"] == 0 and abs(trainer.last["rewards/margins"]) < 1e-7
 
 
 def test_precomputed_reference_is_kept_with_the_data_and_resume_is_exact(tmp_path, pairs_data, chat_model):
