@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .kv_cache import KVCache
+from .runtime import cpu_vectors_are_avx2
 
 
 # ---- linear maps -----------------------------------------------------------------------------------
@@ -59,7 +60,7 @@ class Linear(nn.Linear):
         return self.weight.numel() * self.weight.element_size()
 
 
-_AVX2 = torch.backends.cpu.get_cpu_capability() == "AVX2"  # x86 without AVX-512 (what torch's kernels use)
+_AVX2 = cpu_vectors_are_avx2()
 # oneDNN multiplies bf16 only where the CPU has bf16 instructions (avx512_bf16, AMX); on an AVX2-only
 # CPU it has no bf16 product at all, and F.linear's bf16 runs there
 _ONEDNN_DTYPES = (() if not torch.backends.mkldnn.is_available() else

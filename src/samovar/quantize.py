@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .runtime import cpu_vectors_are_avx2
+
 QUANTIZATIONS = ("int8", "int8wo")
 
 
@@ -88,7 +90,7 @@ class Int8Linear(nn.Module):
         w = linear.weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # the largest weight of a row -> 127
         w = torch.round(w / scale[:, None]).to(torch.int8)
-        self.words = torch.backends.cpu.get_cpu_capability() == "AVX2" if words is None else words
+        self.words = cpu_vectors_are_avx2() if words is None else words
         self.register_buffer("weight", _to_words(w) if self.words else w.contiguous())
         self.register_buffer("scale", scale.to(linear.weight.dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())

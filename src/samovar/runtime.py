@@ -47,13 +47,20 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cpu_vectors_are_avx2() -> bool:
+    """Whether this is an x86 CPU without AVX-512: the widest vectors torch's kernels, and inductor's
+    generated code, use here are AVX2's (torch's CPU capability)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
 def resolve_dtype(name: str, device: torch.device, bf16_on_cpu: bool = True) -> torch.dtype:
     """`auto`: bf16 on a CUDA GPU that supports it, and on a CPU with native bf16 (avx512_bf16 or
     AMX in /proc/cpuinfo), where decoding measured faster than fp32 at +0.01% perplexity
-    (benchmarks/RESULTS.md); fp32 on other CPUs (AVX2 only: bf16 matmuls run about 100x slower
-    there) and where the caller passes bf16_on_cpu=False: training (bf16 autocast cost +0.53%
-    perplexity at equal steps, over the 0.5% auto allows), continuous batching (rounding would make
-    a sequence's tokens depend on its batch), int8 models and the LSTM baseline (not measured).
+    (benchmarks/RESULTS.md); fp32 on other CPUs (AVX2 only: bf16 is emulated there, and a forward
+    pass over prompts measured 4.3x slower than fp32's) and where the caller passes
+    bf16_on_cpu=False: training (bf16 autocast cost +0.53% perplexity at equal steps, over the 0.5%
+    auto allows), continuous batching (rounding would make a sequence's tokens depend on its
+    batch), int8 models and the LSTM baseline (not measured).
     The SAMOVAR_DTYPE environment variable, when set, is what `auto` means (the test suite sets
     fp32, so that its figures do not depend on the CPU)."""
     if name == "auto" and os.environ.get("SAMOVAR_DTYPE"):
