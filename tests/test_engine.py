@@ -65,6 +65,32 @@ def test_packed_weights_give_every_row_the_same_result_whatever_the_batch():
     assert torch.allclose(layer(x), 2 * (plain - layer.bias) + layer.bias, atol=1e-4)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_one_row_product_is_the_row_times_the_weight(threads, monkeypatch):
+    """layers.one_row_product: the weight's rows in a run per thread (the last overlapping the one
+    before it where the threads do not divide the rows), each row's result once and in its place;
+    an AVX2 CPU's eager Linear takes it for one float32 row (its weight not packed), bias and all."""
+    from samovar.layers import Linear, one_row_product
+
+    monkeypatch.setattr(layers, "_AVX2", True)
+    torch.manual_seed(threads)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows, width in [(1, 5), (2, 3), (7, 5), (64, 48), (101, 33)]:
+            weight, x = torch.randn(rows, width), torch.randn(1, 1, width)
+            y = one_row_product(x, weight)
+            assert y.shape == (1, 1, rows)
+            assert torch.allclose(y, torch.nn.functional.linear(x, weight), atol=1e-5), (rows, width)
+        layer = Linear(33, 101)
+        with torch.no_grad():
+            layer.bias.normal_()
+            x = torch.randn(1, 33)
+            assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("preset,window,avx2", [("gpt2-tiny", None, None), ("mistral-tiny", 6, None),  # learned positions; rotary
                                                 ("gpt2-tiny", None, not layers._AVX2)])  # the other CPU kind's products
 def test_the_compiled_step_agrees(preset, window, avx2, monkeypatch):

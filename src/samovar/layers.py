@@ -30,19 +30,22 @@ class Linear(nn.Linear):
     the weights from both at 40 GB/s (1.7-2.2x tokens/s decoding, RESULTS.md). Training (gradients)
     and other devices keep F.linear. In a compiled step, one row times a weight of at most 2,048 rows
     and columns is left to inductor's own kernel (decompose_mm_pass), and on an AVX2 CPU one float32
-    row times any weight; the head and batches of rows take oneDNN.
+    row times any weight; the head and batches of rows take oneDNN. Eager, on an AVX2 CPU, one
+    float32 row takes `one_row_product`: oneDNN's one-row product streams at half memory's speed there.
     """
 
     packed: torch.Tensor | None = None  # the weight in oneDNN's blocked layout, when pack() made it
 
     def forward(self, x):
-        if (_AVX2 and x.is_cpu and x.dtype == torch.float32 and x.shape[:-1].numel() == 1
-                and torch.compiler.is_compiling()):
-            # one float32 row in a compiled step on an AVX2 CPU: inductor's kernel over the weight's
-            # rows, for a weight of any size (on our AVX2 EPYC it reads the head faster than oneDNN;
-            # in bf16 slower than F.linear: RESULTS.md)
+        # one float32 row on an AVX2 CPU (in bf16 these were slower than F.linear: RESULTS.md)
+        one_row = _AVX2 and x.is_cpu and x.dtype == torch.float32 and x.shape[:-1].numel() == 1
+        if one_row and torch.compiler.is_compiling():
+            # inductor's kernel over the weight's rows, for a weight of any size (on our AVX2 EPYC it
+            # reads the head faster than oneDNN)
             y = (x.unsqueeze(-2) * self.weight).sum(-1)
             return y if self.bias is None else y + self.bias
+        if one_row and self.packed is None:  # (a packed weight keeps oneDNN: a row's result the same in any batch)
+            return one_row_product(x, self.weight, self.bias)
         if not _onednn_suits(x, self.weight):
             return F.linear(x, self.weight, self.bias)
         weight = self.weight if self.packed is None else self.packed
@@ -66,6 +69,25 @@ _AVX2 = cpu_vectors_are_avx2()
 _ONEDNN_DTYPES = (() if not torch.backends.mkldnn.is_available() else
                   (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else
                   (torch.float32,))
+
+
+def one_row_product(x, weight, bias=None):
+    """x W^T + b for one row x (..., C) and a weight (N, C), as a batch of products, one per thread: the
+    weight's rows in `threads` runs, the last one overlapping the one before it when the threads do
+    not divide N. MKL's batched product (SGEMM_BATCH) gives each run a core of its own; on our AVX2
+    EPYC it streams the weight from memory at 40-48 GB/s, where oneDNN's one-row product reaches
+    13-30 and MKL's plain one (F.linear) 10, one core's (RESULTS.md). (x goes in as a column, which
+    MKL reads transposed; laid out as a row, the same call took 6x as long.)"""
+    N, C = weight.shape
+    runs = min(torch.get_num_threads(), N)
+    step = N // runs
+    h = N - (runs - 1) * step  # the last run's rows: step, or up to runs - 1 more
+    rows = weight.unfold(0, h, step).transpose(1, 2)  # (runs, h, C): rows [i * step, i * step + h)
+    y = torch.bmm(rows, x.reshape(1, C).t().expand(runs, C, 1))  # (runs, h, 1)
+    if h > step:  # the last run's first rows are the run before's last: keep them once
+        y = torch.cat([y[:-1, :step].flatten(), y[-1].flatten()])
+    y = y.view(*x.shape[:-1], N)
+    return y if bias is None else y + bias
 
 
 def _onednn_suits(x, weight) -> bool:
