@@ -33,6 +33,13 @@ def test_aot_step_benchmark_runs():
     assert "logits and written keys agree" in result.stdout and "x the compiled step's steps/s" in result.stdout
 
 
+def test_eager_floor_benchmark_runs():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eager_floor.py"), "--configs", "tiny",
+                             "--new-tokens", "16", "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "greedy tokens equal the Engine's" in result.stdout and "lean step, 7 products" in result.stdout
+
+
 def test_train_step_benchmark_runs():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--tiny", "--steps", "1",
                              "--repeats", "1", "--context", "32", "--batch", "2", "--bf16"], capture_output=True,
