@@ -76,8 +76,9 @@ def one_row_product(x, weight, bias=None):
     weight's rows in `threads` runs, the last one overlapping the one before it when the threads do
     not divide N. MKL's batched product (SGEMM_BATCH) gives each run a core of its own; on our AVX2
     EPYC it streams the weight from memory at 40-48 GB/s, where oneDNN's one-row product reaches
-    13-30 and MKL's plain one (F.linear) 10, one core's (RESULTS.md). (x goes in as a column, which
-    MKL reads transposed; laid out as a row, the same call took 6x as long.)"""
+    13-30 and MKL's plain one (F.linear) 10, one core's (RESULTS.md). (x goes in as a C x 1 column
+    whose leading dimension is C, which MKL reads as a transposed row; with a leading dimension of
+    1 the same call took 6x as long.)"""
     N, C = weight.shape
     runs = min(torch.get_num_threads(), N)
     step = N // runs
