@@ -32,15 +32,17 @@ def lean_step(model, joined: bool):
     cfg = model.config
     assert cfg.n_kv_head == cfg.n_head and cfg.mlp == "swiglu" and cfg.norm == "rmsnorm", "a LLaMA with MHA"
     C, H, D, eps = cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.norm_eps
+
+    def products(*weights):  # of projections that read the same input: one product (joined) or one each
+        return [_product(torch.cat(weights))] if joined else [_product(w) for w in weights]
+
     layers = []
     for block in model.blocks:
         a, f = block.attn, block.mlp
-        qkv = [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]
-        gate_up = [f.gate_proj.weight, f.up_proj.weight]
         layers.append(dict(
             attn_norm=block.attn_norm.weight, mlp_norm=block.mlp_norm.weight,
-            qkv=[_product(torch.cat(qkv))] if joined else [_product(w) for w in qkv],
-            gate_up=[_product(torch.cat(gate_up))] if joined else [_product(w) for w in gate_up],
+            qkv=products(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
+            gate_up=products(f.gate_proj.weight, f.up_proj.weight),
             out=_product(a.out_proj.weight), down=_product(f.down_proj.weight),
             k=torch.zeros(H, cfg.context_len, D), v=torch.zeros(H, cfg.context_len, D)))
     head = _product(model.lm_head.weight)
@@ -125,7 +127,8 @@ def main() -> None:
         print(f"{name}: {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens (the Engine's time includes "
               f"its prefill, the lean steps' not), {torch.get_num_threads()} threads, medians of {args.repeats}:")
         for key, rate in medians.items():
-            share = f", {rate / medians['llama.cpp']:.0%} of llama.cpp f32" if "llama.cpp" in medians and key != "llama.cpp" else ""
+            peer = "llama.cpp" in medians and key != "llama.cpp"
+            share = f", {rate / medians['llama.cpp']:.0%} of llama.cpp f32" if peer else ""
             print(f"  {key:26s} {rate:8.1f} tok/s{share}")
         print(f"  (the lean steps' greedy tokens equal the Engine's; the Engine at "
               f"{medians['samovar eager (Engine)'] / medians['lean step']:.0%} of the lean step)")
